@@ -1,0 +1,174 @@
+"""Settings shared by every stage, defined once.
+
+Scripts read them as ``config.NAME`` (module attribute, never ``from config import``) so that a
+command-line override such as ``python run_pipeline.py --all --EPOCHS=5 --PATCH_SIZE=96,96,96`` is
+seen everywhere. ``apply_profile()`` fills the device-dependent settings (CPU demo vs GPU) first;
+``apply_overrides()`` then applies ``--NAME=value`` pairs, type-checked against the default.
+
+Conventions: arrays in canonical RAS, indexed ``[x, y, z]``; spacing in mm in the same order;
+tensors ``(B, C, X, Y, Z)``; CT stored as int16 HU; masks uint8 0/1.
+"""
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+# --- Organs and AbdomenAtlas labels ---------------------------------------------------------
+ORGANS = ("prostate", "bladder", "rectum")  # model channel order, decoder keys, metric column names
+EXTRA_MASKS = ("femur_left", "femur_right")  # read when present, never segmented
+LABEL_VALUES = {"bladder": 12, "prostate": 24, "rectum": 25, "femur_left": 17, "femur_right": 18}  # combined_labels.nii.gz
+
+# --- Folders (environment variables only for these machine-specific paths) -----------------
+DEFAULT_DATA_ROOT = REPO / "data"  # where the phantom is written when no real data is given
+DATA_ROOT = Path(os.environ.get("PELVIS_DATA_ROOT", DEFAULT_DATA_ROOT))  # BDMAP_* case folders
+OUTPUT_ROOT = Path(os.environ.get("PELVIS_OUTPUT_ROOT", REPO))  # parent of every output folder below
+PROCESSED_DIR = OUTPUT_ROOT / "processed"  # arrays, manifest.json, splits.json
+CHECKPOINT_DIR = OUTPUT_ROOT / "checkpoints"  # best_model.pth, checkpoint_last.pth
+LOG_DIR = OUTPUT_ROOT / "logs"  # train_log.jsonl (one JSON line per epoch), run.json
+EVAL_DIR = OUTPUT_ROOT / "evaluation_results"  # metrics_per_case.csv, summary_statistics.json, plots
+ANALYSIS_DIR = OUTPUT_ROOT / "analysis"  # figures and report.md
+
+# --- Synthetic phantom (the embedded default dataset) -------------------------------------
+PHANTOM_CASES = 36  # cases generated when DATA_ROOT holds no BDMAP_* folder
+PHANTOM_SEED = 0  # same seed, same arrays
+PHANTOM_GRID = "demo"  # "demo": coarse voxels for CPU runs; "ct": clinical in-plane 0.6-1.0 mm
+
+# --- Preprocessing --------------------------------------------------------------------------
+TARGET_SPACING = (1.5, 1.5, 1.5)  # mm, [x, y, z]; set by the profile
+HU_CLIP = (-200.0, 400.0)  # HU window; normalised intensity = (clip(HU) - centre) / half-width
+BODY_THRESHOLD_HU = -500.0  # voxels above this (largest component) are "body" for the crop
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train / val / test, seeded by SEED
+NUM_WORKERS = 2  # processes for preprocessing and phantom generation
+
+# --- Model ----------------------------------------------------------------------------------
+BASE_CHANNELS = 8  # width of the first encoder level (8 -> ~2.7 M parameters)
+DEPTH = 5  # resolution levels, including the full-resolution one
+ATTENTION = True  # cross-decoder attention on/off (ablation switch)
+ACTIVATION_CHECKPOINTING = False  # recompute decoder activations in backward to save memory
+
+# --- Training -------------------------------------------------------------------------------
+PATCH_SIZE = (128, 128, 128)  # voxels [x, y, z]; training patch and sliding window; set by profile
+BATCH_SIZE = 1  # patches per step; set by the profile
+EPOCHS = 100  # set by the profile
+ITERS_PER_EPOCH = 250  # optimiser steps per epoch (fixed, as in nnU-Net)
+LR = 1e-2  # peak learning rate
+WEIGHT_DECAY = 3e-5  # optimiser weight decay
+WARMUP_EPOCHS = 0  # linear LR warm-up before the schedule
+FOREGROUND_FRACTION = 0.5  # share of patches centred on an organ voxel (organs balanced)
+AUGMENT = True  # on-the-fly augmentation on/off
+VAL_EVERY = 5  # epochs between validations (sliding window over the whole val split)
+AMP = True  # bf16/fp16 autocast (bf16 on CPU)
+SEED = 42  # seeds splits, sampling, augmentation and weights
+
+# --- Inference ------------------------------------------------------------------------------
+SW_OVERLAP = 0.5  # sliding-window overlap (fraction of the window)
+SW_BATCH = 2  # windows per forward pass
+TTA_MIRROR = False  # average over left-right mirroring
+LARGEST_COMPONENT = False  # keep only the largest connected component per organ
+
+# --- Device profiles: applied before command-line overrides ---------------------------------
+PROFILE = "auto"  # "auto" (gpu if CUDA else cpu), "cpu" or "gpu"
+PROFILES = {
+    # What the user asked for on a < 8 GB GPU: 128^3 at batch 1, base 8, AMP.
+    "gpu": dict(TARGET_SPACING=(1.5, 1.5, 1.5), PATCH_SIZE=(128, 128, 128), BATCH_SIZE=1,
+                EPOCHS=100, ITERS_PER_EPOCH=250, VAL_EVERY=5, SW_BATCH=2),
+    # A 2-core CPU demo that finishes `--all` in <= 10 minutes: coarse voxels, small patches.
+    "cpu": dict(TARGET_SPACING=(3.0, 3.0, 3.0), PATCH_SIZE=(64, 64, 64), BATCH_SIZE=2,
+                EPOCHS=12, ITERS_PER_EPOCH=40, VAL_EVERY=4, SW_BATCH=4),
+}
+
+
+class SettingError(ValueError):
+    """A setting override that names no setting or has the wrong type."""
+
+
+def settings():
+    """All UPPER_CASE settings as a JSON-friendly dict (paths as str, tuples as lists)."""
+    mod = sys.modules[__name__]
+    out = {}
+    for name in dir(mod):
+        if name.isupper() and name not in ("PROFILES", "REPO"):
+            value = getattr(mod, name)
+            out[name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def resolve_profile():
+    """'cpu' or 'gpu' from PROFILE ('auto' looks for CUDA)."""
+    if PROFILE != "auto":
+        return PROFILE
+    import torch
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def apply_profile(name=None):
+    """Set the device-dependent settings from PROFILES; returns the profile name."""
+    name = name or resolve_profile()
+    if name not in PROFILES:
+        raise SettingError(f"PROFILE must be one of auto, {', '.join(PROFILES)}; got {name!r}")
+    for key, value in PROFILES[name].items():
+        setattr(sys.modules[__name__], key, value)
+    return name
+
+
+def _parse(name, text, default):
+    """Parse `text` to the type of `default`; raise SettingError with a one-line reason."""
+    try:
+        if isinstance(default, bool):
+            low = text.strip().lower()
+            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            return low in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, Path):
+            return Path(text).expanduser()
+        if isinstance(default, tuple):
+            parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+            kind = type(default[0]) if default else str
+            values = tuple(kind(p) for p in parts)
+            if default and len(values) != len(default):
+                raise ValueError
+            return values
+        if isinstance(default, str):
+            return text
+    except ValueError:
+        pass
+    example = ",".join(str(v) for v in default) if isinstance(default, tuple) else default
+    raise SettingError(f"--{name}={text}: expected {type(default).__name__} like {example}")
+
+
+def apply_overrides(pairs):
+    """Apply ``["NAME=value", ...]`` to this module; returns {name: new value}.
+
+    Unknown names and values of the wrong type raise SettingError (one line). Folder settings
+    under OUTPUT_ROOT follow an OUTPUT_ROOT override unless they are overridden themselves.
+    """
+    mod = sys.modules[__name__]
+    parsed = {}
+    for pair in pairs:
+        name, sep, text = pair.lstrip("-").partition("=")
+        if not sep:
+            raise SettingError(f"--{name}: expected --NAME=value")
+        if not (name.isupper() and hasattr(mod, name)) or name in ("REPO", "PROFILES"):
+            raise SettingError(f"--{name}: no such setting (see config.py)")
+        parsed[name] = _parse(name, text, getattr(mod, name))
+    if "OUTPUT_ROOT" in parsed:
+        for key, sub in (("PROCESSED_DIR", "processed"), ("CHECKPOINT_DIR", "checkpoints"), ("LOG_DIR", "logs"),
+                         ("EVAL_DIR", "evaluation_results"), ("ANALYSIS_DIR", "analysis")):
+            parsed.setdefault(key, parsed["OUTPUT_ROOT"] / sub)
+    for name, value in parsed.items():
+        setattr(mod, name, value)
+    return parsed
+
+
+def configure(pairs=()):
+    """Validate overrides, apply the device profile, then the overrides on top; returns (profile, overrides)."""
+    overrides = apply_overrides(pairs)  # validates every pair; PROFILE may be among them
+    profile = apply_profile()
+    for name, value in overrides.items():  # overrides win over the profile
+        setattr(sys.modules[__name__], name, value)
+    return profile, overrides
