@@ -52,9 +52,10 @@ PATCH_SIZE = (128, 128, 128)  # voxels [x, y, z]; training patch and sliding win
 BATCH_SIZE = 1  # patches per step; set by the profile
 EPOCHS = 100  # set by the profile
 ITERS_PER_EPOCH = 250  # optimiser steps per epoch (fixed, as in nnU-Net)
-LR = 1e-2  # peak learning rate
-WEIGHT_DECAY = 3e-5  # optimiser weight decay
-WARMUP_EPOCHS = 0  # linear LR warm-up before the schedule
+OPTIMIZER = "adamw"  # "adamw" (cosine schedule after warm-up) or "sgd" (Nesterov, poly schedule as in nnU-Net)
+LR = 2e-3  # peak learning rate
+WEIGHT_DECAY = 1e-4  # optimiser weight decay
+WARMUP_EPOCHS = 1  # linear LR warm-up before the schedule
 FOREGROUND_FRACTION = 0.5  # share of patches centred on an organ voxel (organs balanced)
 AUGMENT = True  # on-the-fly augmentation on/off
 VAL_EVERY = 5  # epochs between validations (sliding window over the whole val split)
@@ -172,3 +173,21 @@ def configure(pairs=()):
     for name, value in overrides.items():  # overrides win over the profile
         setattr(sys.modules[__name__], name, value)
     return profile, overrides
+
+
+def run_record(device=None):
+    """What a run needs to be reproduced: argv, git commit, torch version, device."""
+    import platform
+    import subprocess
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"argv": sys.argv, "git_commit": commit, "git_dirty": dirty, "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device) if device is not None else None,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads(), "machine": platform.machine()}
