@@ -413,7 +413,8 @@ def train(resume=False, show_progress=None, stop_after=None):
         if resume and log_path.is_file():  # drop epochs logged after the checkpoint we resume from
             kept = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] <= start_epoch]
         log_path.write_text("".join(l + "\n" for l in kept))
-        record = {"settings": config.settings(), "run": config.run_record(device), "world_size": world,
+        record = {**config.run_record(device), "profile": config.resolve_profile(), "settings": config.settings(),
+                  "world_size": world,
                   "start_time": time.strftime("%Y-%m-%d %H:%M:%S"), "model_config": model.config,
                   "parameters": sum(p.numel() for p in model.parameters())}
         (log_dir / "run.json").write_text(json.dumps(record, indent=2))

@@ -56,14 +56,17 @@ def processed(tmp_path):
 
 def test_sampler_balances_organs_and_pads(processed, monkeypatch):
     monkeypatch.setattr(config, "FOREGROUND_FRACTION", 1.0)
-    gen = torch.Generator().manual_seed(0)
-    sampler = train.PatchSampler(["BDMAP_00000001", "BDMAP_00000002"], processed, (40, 16, 16), gen)
-    img, lab = sampler.batch(30)
-    assert img.shape == (30, 1, 40, 16, 16) and lab.shape == (30, 40, 16, 16)
-    centre = lab[:, 20, 8, 8]  # x is padded (case 36 wide), centre stays on the drawn organ voxel
+    cases = ["BDMAP_00000001", "BDMAP_00000002"]
+    sampler = train.PatchSampler(cases, processed, (16, 16, 16), torch.Generator().manual_seed(0))
+    img, lab = sampler.batch(60)
+    assert img.shape == (60, 1, 16, 16, 16) and lab.shape == (60, 16, 16, 16)
+    centre = lab[:, 8, 8, 8]  # the patch is centred on the drawn organ voxel
     counts = [(centre == k).sum().item() for k in (1, 2, 3)]
-    assert min(counts) >= 5, counts  # every organ, the small prostate included, is drawn often
-    assert img[:, 0, 36:].max() <= -0.99  # padding is air
+    assert min(counts) >= 12, counts  # organs drawn in turn: the small prostate as often as the others
+    wide = train.PatchSampler(cases, processed, (40, 16, 16), torch.Generator().manual_seed(0))
+    img, lab = wide.batch(4)
+    assert img.shape == (4, 1, 40, 16, 16)
+    assert img[:, 0, 36:].max() <= -0.99 and lab[:, 36:].max() == 0  # cases are 36 wide: padded with air
 
 
 def test_loss_does_not_reward_empty_prediction():
