@@ -1,0 +1,252 @@
+"""Train-step speed of MultiDecoderUNet vs a straightforward fp32 reference of the same design (2 CPU threads).
+
+Usage:
+    python bench_model.py            # 64^3 and 128^3 at base 8, 64^3 at base 32
+    python bench_model.py --quick    # 64^3 only (base 8 and 32)
+
+A train step = forward + loss + backward + AdamW step, batch 1. Median (min-max) of several runs after warm-up.
+GFLOPs/step are counted with torch.utils.flop_counter (forward + backward). Importable helpers for bench.py:
+time_train_step(), count_step_gflops(), conv_ceiling_gflops(), ReferenceNet.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import config
+from multi_decoder_model import MultiDecoderUNet, count_parameters, level_widths
+
+THREADS = 2  # CPU threads, as on the dev box and CI
+
+
+# --- Reference: the straightforward fp32 implementation of the same design -------------------------
+def conv_bn_relu(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                         nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
+
+
+class RefDecoder(nn.Module):
+    """ConvTranspose3d upsampling, concat skip, two conv-BN-ReLU per level."""
+
+    def __init__(self, widths):
+        super().__init__()
+        self.ups = nn.ModuleList(nn.ConvTranspose3d(widths[l + 1], widths[l], 2, stride=2)
+                                 for l in range(len(widths) - 1))
+        self.blocks = nn.ModuleList(nn.Sequential(conv_bn_relu(2 * widths[l], widths[l]),
+                                                  conv_bn_relu(widths[l], widths[l]))
+                                    for l in range(len(widths) - 1))
+
+    def forward(self, skips):
+        x = skips[-1]
+        for l in range(len(skips) - 2, -1, -1):
+            x = self.blocks[l](torch.cat([self.ups[l](x), skips[l]], 1))
+        return x
+
+
+class RefCrossAttention(nn.Module):
+    """Cross-decoder attention from 1x1x1 convs at full resolution: for each organ k and other organ j,
+    a sigmoid gate from q_k(x_k) + k_j(x_j) weights the message v_j(x_j); x_k += out_k(sum of messages)."""
+
+    def __init__(self, n, c):
+        super().__init__()
+        self.q = nn.ModuleList(nn.Conv3d(c, c, 1) for _ in range(n))
+        self.k = nn.ModuleList(nn.Conv3d(c, c, 1) for _ in range(n))
+        self.v = nn.ModuleList(nn.Conv3d(c, c, 1) for _ in range(n))
+        self.o = nn.ModuleList(nn.Conv3d(c, c, 1) for _ in range(n))
+
+    def forward(self, feats):
+        out = []
+        for i, f in enumerate(feats):
+            msg = sum(torch.sigmoid(self.q[i](f) + self.k[j](g)) * self.v[j](g)
+                      for j, g in enumerate(feats) if j != i)
+            out.append(f + self.o[i](msg))
+        return out
+
+
+class ReferenceNet(nn.Module):
+    """Plain encoder (two conv-BN-ReLU per level, strided first conv), three separate decoders,
+    1x1x1-conv cross attention at full resolution, sigmoid heads."""
+
+    def __init__(self, n_organs=3, in_channels=1, base_channels=8, depth=5):
+        super().__init__()
+        widths = level_widths(base_channels, depth)
+        self.enc = nn.ModuleList()
+        cin = in_channels
+        for l, c in enumerate(widths):
+            self.enc.append(nn.Sequential(conv_bn_relu(cin, c, 1 if l == 0 else 2), conv_bn_relu(c, c)))
+            cin = c
+        self.decs = nn.ModuleList(RefDecoder(widths) for _ in range(n_organs))
+        self.attn = RefCrossAttention(n_organs, widths[0])
+        self.heads = nn.ModuleList(nn.Conv3d(widths[0], 1, 1) for _ in range(n_organs))
+
+    def forward(self, x):
+        skips = []
+        for level in self.enc:
+            x = level(x)
+            skips.append(x)
+        feats = self.attn([d(skips) for d in self.decs])
+        return torch.sigmoid(torch.cat([h(f) for h, f in zip(self.heads, feats)], 1))
+
+
+# --- Timing helpers -------------------------------------------------------------------------------
+def _loss(model, out, target):
+    if isinstance(model, ReferenceNet):
+        return F.binary_cross_entropy(out.float(), target)
+    # implicit background logit 0, as in the contract
+    logits = torch.cat([torch.zeros_like(out[:, :1]), out], 1).float()
+    return F.cross_entropy(logits, target.argmax(1) * (target.amax(1) > 0))
+
+
+def _batch(model, size, batch, channels_last):
+    n = 3 if isinstance(model, ReferenceNet) else len(model.organs)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, *size, generator=g)
+    target = (torch.rand(batch, n, *size, generator=g) > 0.7).float()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last_3d)
+    return x, target
+
+
+def train_step_fn(model, size, batch=1, amp=False, channels_last=True):
+    """A closure running one train step (forward, loss, backward, AdamW step) on random data."""
+    if isinstance(size, int):
+        size = (size,) * 3
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, target = _batch(model, size, batch, channels_last)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        loss = _loss(model, out, target)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def time_train_step(model, size, batch=1, amp=False, channels_last=True, repeats=5, warmup=1):
+    """Seconds per train step: (median, min, max) over `repeats` after `warmup` steps; 2 threads."""
+    torch.set_num_threads(THREADS)
+    step = train_step_fn(model, size, batch, amp, channels_last)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def count_step_gflops(model, size, batch=1):
+    """GFLOPs of one train step = 3 x forward FLOPs (backward ~ 2 x forward), forward counted by
+    torch.utils.flop_counter (convs, matmuls; norms and elementwise ops not counted). The counter's own
+    backward formulas over-count grouped convs, hence forward x 3."""
+    if isinstance(size, int):
+        size = (size,) * 3
+    model.train()
+    x, _ = _batch(model, size, batch, False)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return 3 * counter.get_total_flops() / 1e9
+
+
+def conv_ceiling_gflops(size=32, cin=32, cout=32, amp=False, channels_last=True, repeats=3):
+    """Measured GFLOP/s of one representative Conv3d (3x3x3, cin->cout, batch 1, size^3) forward."""
+    torch.set_num_threads(THREADS)
+    conv = nn.Conv3d(cin, cout, 3, padding=1, bias=False)
+    x = torch.randn(1, cin, size, size, size)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last_3d), x.to(memory_format=torch.channels_last_3d)
+    flops = 2 * cin * cout * 27 * size ** 3
+    times = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        conv(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            conv(x)
+            times.append(time.perf_counter() - t0)
+    return flops / min(times) / 1e9
+
+
+def saved_activation_bytes(model, size, batch=1, amp=False):
+    """Bytes of tensors autograd keeps for backward in one forward (deduplicated by storage)."""
+    if isinstance(size, int):
+        size = (size,) * 3
+    model.train()
+    x, target = _batch(model, size, batch, False)
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        loss = _loss(model, out, target)
+    del loss, out
+    return sum(seen.values())
+
+
+def estimate_training_memory_gb(model, size=128, probe=32, amp=False):
+    """ESTIMATE (no GPU here) of training memory at batch 1, `size`^3: saved activations counted at
+    `probe`^3 and scaled by the voxel ratio (activations are linear in voxels), plus fp32 weights, grads and
+    two AdamW moments (16 bytes/parameter). Ignores allocator slack and cuDNN workspaces (add ~20-30 %)."""
+    act = saved_activation_bytes(model, probe, amp=amp) * (size / probe) ** 3
+    return (act + 16 * count_parameters(model)) / 2 ** 30, act / 2 ** 30
+
+
+def bench_rows(cases, repeats=5):
+    """[(label, params, gflops, (med, lo, hi))] for each (label, model factory, size, amp, channels_last)."""
+    rows = []
+    for label, make, size, amp, cl in cases:
+        model = make()
+        gflops = count_step_gflops(model, size)
+        reps = repeats if size <= 64 else max(2, repeats // 2)
+        rows.append((label, size, count_parameters(model), gflops, time_train_step(model, size, 1, amp, cl, reps)))
+        print(f"  measured {label} @ {size}^3: {rows[-1][-1][0]:.3f} s", flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="64^3 only")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    depth = config.DEPTH
+    ours = lambda base: (lambda: MultiDecoderUNet(base_channels=base, depth=depth))  # noqa: E731
+    ref = lambda base: (lambda: ReferenceNet(base_channels=base, depth=depth))  # noqa: E731
+    configs = [(8, 64)] + ([] if args.quick else [(8, 128)]) + [(32, 64)]
+    ceiling = conv_ceiling_gflops()
+    ceiling_bf16 = conv_ceiling_gflops(size=16, amp=True, repeats=1)
+    print(f"conv ceiling (3x3x3 32->32 @ 32^3, channels-last): fp32 {ceiling:.1f} GFLOP/s, bf16 {ceiling_bf16:.2f} GFLOP/s")
+    # fp32 only: bf16 convs on an AVX2 CPU take minutes; measured once, bf16 autocast halves the activations
+    # (19.3 -> 9.9 GB without checkpointing)
+    for ckpt in (False, True):
+        model = MultiDecoderUNet(base_channels=32, depth=depth, checkpointing=ckpt)
+        total, act = estimate_training_memory_gb(model, 128, 32)
+        print(f"ESTIMATE base 32 @ 128^3 batch 1 fp32 training memory, checkpointing={ckpt}: "
+              f"{total:.1f} GB ({act:.1f} GB saved activations, scaled from 32^3)", flush=True)
+    print(f"{'net':<34}{'size':>6}{'params':>12}{'GFLOP/step':>12}{'step s (min-max)':>24}{'GFLOP/s':>9}{'% ceil':>8}{'speedup':>9}")
+    for base, size in configs:
+        rows = bench_rows([(f"ours base {base} fp32 channels-last", ours(base), size, False, True),
+                           (f"reference base {base} fp32", ref(base), size, False, False)], args.repeats)
+        ref_time = rows[1][-1][0]
+        for label, sz, params, gflops, (med, lo, hi) in rows:
+            rate = gflops / med
+            print(f"{label:<34}{sz:>5}^3{params:>12,}{gflops:>12.1f}{f'{med:.3f} ({lo:.3f}-{hi:.3f})':>24}"
+                  f"{rate:>9.1f}{100 * rate / ceiling:>7.0f}%{ref_time / med:>8.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
