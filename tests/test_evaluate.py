@@ -1,0 +1,66 @@
+"""evaluate.py on two tiny hand-made cases with a random tiny checkpoint: files, schema, empty cells, plots."""
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import config
+import metrics
+from test_predict import tiny_checkpoint, write_ct  # noqa: F401  (fixture)
+
+
+def write_case(root, case_id, code, with_prostate):
+    ct_path = write_ct(root / case_id / "ct.nii.gz", code, shape=(21, 19, 11))
+    ct = nib.load(str(ct_path))
+    seg = root / case_id / "segmentations"
+    seg.mkdir()
+    for organ in config.ORGANS:
+        mask = np.zeros(ct.shape, np.uint8)
+        if organ == "bladder":
+            mask[8:14, 7:13, 3:8] = 1
+        if organ == "prostate" and with_prostate:
+            mask[9:12, 9:12, 1:3] = 1
+        nib.save(nib.Nifti1Image(mask, ct.affine), str(seg / f"{organ}.nii.gz"))
+
+
+def test_evaluate_writes_contract_files(tmp_path, tiny_checkpoint, monkeypatch):  # noqa: F811
+    import evaluate
+
+    config.AMP = False
+    root = tmp_path / "data"
+    write_case(root, "BDMAP_00000001", "LPS", with_prostate=True)
+    write_case(root, "BDMAP_00000002", "RAS", with_prostate=False)
+    config.DATA_ROOT = root
+    config.PROCESSED_DIR = tmp_path / "processed"
+    config.EVAL_DIR = tmp_path / "eval"
+    config.PROCESSED_DIR.mkdir()
+    (config.PROCESSED_DIR / "splits.json").write_text(json.dumps(
+        {"seed": 0, "train": [], "val": [], "test": ["BDMAP_00000001", "BDMAP_00000002", "BDMAP_00000404"]}))
+
+    summary = evaluate.evaluate(tiny_checkpoint)
+
+    out = config.EVAL_DIR
+    assert summary["n_cases"] == 2 and [f["case_id"] for f in summary["failed"]] == ["BDMAP_00000404"]
+    assert summary["empty_rule"] == metrics.EMPTY_RULE
+    assert json.loads((out / "summary_statistics.json").read_text())["organs"]["bladder"]["n_present"] == 2
+    with open(out / "metrics_per_case.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == metrics.csv_columns(config.ORGANS)
+    absent = next(r for r in rows if r["case_id"] == "BDMAP_00000002")
+    assert absent["status_prostate"] in ("correctly_absent", "false_organ")
+    assert absent["dice_prostate"] == "" and absent["hd95_prostate"] == ""  # not defined: empty, never 1 or 999
+    for name in ("dice_boxplot", "hd95_boxplot", "dice_vs_hausdorff", "volume_agreement", "overlay_bladder_best"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+    report = (out / "evaluation_report.md").read_text()
+    assert metrics.EMPTY_RULE in report and "BDMAP_00000404" in report
+    pred = nib.load(str(out / "predictions" / "BDMAP_00000001.nii.gz"))
+    assert pred.shape == (21, 19, 11)
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    import evaluate
+
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        evaluate.evaluate(tmp_path / "nothing.pth")
