@@ -209,15 +209,6 @@ def make_scheduler(optimizer):
 # --------------------------------------------------------------------------------------------
 # Device, AMP, distributed
 # --------------------------------------------------------------------------------------------
-def amp_dtype(device):
-    """bf16 where the hardware has it (this CPU does, recent GPUs do), else fp16 on CUDA; None = off."""
-    if not config.AMP:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
-
-
 def setup_distributed():
     """(rank, world size, device); initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -281,7 +272,7 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
 # --------------------------------------------------------------------------------------------
 def train_one_epoch(model, sampler, optimizer, scheduler, scaler, device, gen, show_progress):
     model.train()
-    dtype = amp_dtype(device)
+    dtype = inference.amp_dtype(device)
     losses = []
     steps = tqdm(range(config.ITERS_PER_EPOCH), disable=not show_progress, leave=False, desc="train")
     for _ in steps:
@@ -386,7 +377,7 @@ def train(resume=False, show_progress=None, stop_after=None):
     model = multi_decoder_model.build_model_from_config().to(device).to(memory_format=torch.channels_last_3d)
     optimizer = make_optimizer(model)
     scheduler = make_scheduler(optimizer)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=inference.amp_dtype(device) == torch.float16)
     ckpt_dir, log_dir = Path(config.CHECKPOINT_DIR), Path(config.LOG_DIR)
     last_path, best_path = ckpt_dir / "checkpoint_last.pth", ckpt_dir / "best_model.pth"
     log_path = log_dir / "train_log.jsonl"
