@@ -761,7 +761,10 @@ def preprocess(data_root=None, out_dir=None, workers=None):
     out_dir = Path(out_dir if out_dir is not None else config.PROCESSED_DIR)
     workers = int(workers if workers is not None else config.NUM_WORKERS)
     cases = find_cases(data_root)
-    (out_dir / "cases").mkdir(parents=True, exist_ok=True)
+    try:
+        (out_dir / "cases").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a path through a regular file, read-only disk
+        raise ValueError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from None
     settings = settings_used()
     jobs = [(str(c), str(out_dir / "cases" / c.name), settings) for c in cases]
     bar = dict(total=len(jobs), desc="preprocess", unit="case", disable=not sys.stderr.isatty())
@@ -833,5 +836,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, config.SettingError) as exc:  # a usage problem: one line, no traceback
+    except (FileNotFoundError, ValueError) as exc:  # a usage problem (SettingError is one): one line, no traceback
         sys.exit(f"preprocessing: {exc}")

@@ -250,7 +250,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated zip, pickle garbage, ...
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        detail = str(exc).strip().split(". ")[0][:160]  # torch appends a paragraph of advice; the cause is enough
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {detail})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path}: not a checkpoint of this pipeline (no model/model_config)")
     return ckpt
@@ -262,7 +263,8 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
         model = multi_decoder_model.MultiDecoderUNet(**ckpt["model_config"])
         model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0]
+        lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip()]
+        first = lines[1 if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else 0][:200]  # the cause
         raise ValueError(f"{path}: weights do not fit this architecture ({first})") from None
     return model
 
@@ -347,6 +349,14 @@ def _set_rng_state(state, gen):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _logged_epoch(line):
+    """The epoch of one train_log.jsonl line; None for a blank line or one cut short by a kill."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _read_splits():
     path = Path(config.PROCESSED_DIR) / "splits.json"
     if not path.is_file():
@@ -402,7 +412,8 @@ def train(resume=False, show_progress=None, stop_after=None):
         log_dir.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume and log_path.is_file():  # drop epochs logged after the checkpoint we resume from
-            kept = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] <= start_epoch]
+            kept = [l for l in log_path.read_text().splitlines()
+                    if (_logged_epoch(l) or math.inf) <= start_epoch]
         log_path.write_text("".join(l + "\n" for l in kept))
         record = {**config.run_record(device), "profile": config.resolve_profile(), "settings": config.settings(),
                   "world_size": world,
@@ -436,11 +447,14 @@ def train(resume=False, show_progress=None, stop_after=None):
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                     "rng": _gather_rng(gen, world), "best": best, "settings": config.settings(),
                     "run": config.run_record(device)}
-            save_atomic(ckpt, last_path)
-            if entry["best"] or not best_path.is_file():
-                save_atomic(ckpt, best_path)
+            # Order matters under kill -9: log line, best, then last. A resume restarts after the last whole
+            # checkpoint_last.pth and drops later log lines, so every epoch is logged exactly once and
+            # best_model.pth is never older than the best the resumed run believes it has.
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(entry) + "\n")
+            if entry["best"] or not best_path.is_file():
+                save_atomic(ckpt, best_path)
+            save_atomic(ckpt, last_path)
             dice_txt = " ".join(f"{o}={v:.3f}" for o, v in entry["val_dice"].items() if v is not None)
             print(f"epoch {epoch}/{config.EPOCHS} loss {train_loss:.4f} lr {entry['lr']:.2e} "
                   f"{entry['patches_per_s']:.1f} patches/s {entry['epoch_time_s']:.0f}s"
@@ -480,7 +494,10 @@ def main(argv=None):
     except config.SettingError as exc:
         parser.exit(2, f"error: {exc}\n")
     print(f"profile {profile}; overrides {overrides or 'none'}")
-    train(resume=args.resume)
+    try:
+        train(resume=args.resume)
+    except (FileNotFoundError, ValueError) as exc:  # no processed/, bad checkpoint to resume: one line
+        sys.exit(f"train: {exc}")
 
 
 if __name__ == "__main__":
