@@ -69,6 +69,10 @@ def use_checkpoint_settings(ckpt, quiet=False):
             if not quiet:
                 print(f"note: {name} from the checkpoint {value} (current config has {current})")
         setattr(config, name, value)
+    if config.LARGEST_COMPONENT == "auto":  # decided on the validation split when the model was trained
+        config.LARGEST_COMPONENT = "on" if ckpt.get("largest_component") else "off"
+        if not quiet:
+            print(f"largest-component cleanup {config.LARGEST_COMPONENT} (decided on the validation split in training)")
     return changed
 
 

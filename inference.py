@@ -228,6 +228,11 @@ def largest_component(labels, n_organs):
     return labels
 
 
+def keep_largest_on(value):
+    """LARGEST_COMPONENT as a bool: True/"on" keep the largest component; False/"off"/"auto" (undecided) not."""
+    return value is True or str(value).lower() in ("on", "true")
+
+
 def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None, sw_batch=None, mirror=None,
             keep_largest=None):
     """uint8 label map (X, Y, Z) in model space for an int16 HU volume in model space.
@@ -250,7 +255,7 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
     logits = predict_logits(model, norm, patch_size, float(pick(overlap, "SW_OVERLAP")),
                             int(pick(sw_batch, "SW_BATCH")), bool(pick(mirror, "TTA_MIRROR")), device)
     labels = logits_to_labels(logits.numpy())
-    if pick(keep_largest, "LARGEST_COMPONENT"):
+    if keep_largest_on(pick(keep_largest, "LARGEST_COMPONENT")):
         labels = largest_component(labels, logits.shape[0])
     return labels
 
