@@ -1,0 +1,653 @@
+"""Benchmarks of the whole pipeline on this machine -> one table, printed and written to BENCHMARKS.md.
+
+Usage:
+    python bench.py            # everything, including `run_pipeline.py --all` on the CPU profile (~20+ min, 2 cores)
+    python bench.py --quick    # fewer repeats, 64^3 and the CPU demo shape only, no full pipeline run (<= 8 min)
+    python bench.py --smoke --out /tmp/b.md   # tiny sizes, seconds: checks the code paths, numbers mean nothing
+
+Every figure is the median of several runs after a warm-up, with min and max. Rows:
+- preprocessing.process_case of one CT-sized phantom case (512 x 512 x 300 at 0.8 x 0.8 x 1.5 mm), at 1.5 mm
+  (GPU profile) and 3 mm (CPU profile), each run in a fresh process: seconds and peak RSS;
+- train step (forward + loss + backward + AdamW) of MultiDecoderUNet against bench_model.ReferenceNet (runs
+  interleaved so that load noise hits both), achieved GFLOP/s against the measured conv ceilings;
+- sliding-window inference, inference.predict_logits against MONAI's sliding_window_inference on the same net
+  and volume, each run in a fresh process: seconds and peak RSS;
+- predict.py end to end on the CT-sized case: seconds and peak RSS;
+- run_pipeline.py --all with the CPU profile (not with --quick);
+- on CUDA only: train step at 128^3, base 8 and 32, with and without activation checkpointing.
+
+Peak RSS is measured through a small wrapper process (`bench.py --child rss -- CMD`): the kernel copies a
+parent's high-water mark into ru_maxrss of a child it spawns, so the parent of a measured command must stay
+small. Peak RSS is that of the largest single process (worker pools are not summed).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import config
+
+REPO = Path(__file__).resolve().parent
+THREADS = 2  # torch threads for the in-process and child benchmarks (the dev box and CI have 2 cores)
+# The CPU demo's setting (issue #9): what `run_pipeline.py --all` trains on a 2-core CPU. Used for the demo train
+# step, the sliding-window comparison and the random checkpoint of the predict row.
+CPU_DEMO = dict(TARGET_SPACING=(3.0, 3.0, 3.0), PATCH_SIZE=(48, 48, 48), BATCH_SIZE=2, DEPTH=4, BASE_CHANNELS=8)
+TARGETS = dict(speedup=5.0, predict_s=30.0, predict_gb=3.0, mix_pct=60.0, pipeline_s=600.0)
+
+# Sizes per mode. model: (base channels, depth or None = config.DEPTH, size, batch), each with a "demo" flag;
+# sw_net: (base, depth) of the sliding-window comparison; demo_ckpt: settings of the random predict checkpoint;
+# use_trained: predict with CHECKPOINT_DIR/best_model.pth when it exists; peak_conv: size of the single-conv peak.
+_DEMO_STEP = (CPU_DEMO["BASE_CHANNELS"], CPU_DEMO["DEPTH"], CPU_DEMO["PATCH_SIZE"][0], CPU_DEMO["BATCH_SIZE"])
+_CT = dict(case_shape=(512, 512, 300), case_spacing=(0.8, 0.8, 1.5), prep_spacings=(1.5, 3.0),
+           sw_volume=(144, 144, 96), sw_window=CPU_DEMO["PATCH_SIZE"][0],
+           sw_net=(CPU_DEMO["BASE_CHANNELS"], CPU_DEMO["DEPTH"]), demo_ckpt=CPU_DEMO, use_trained=True, peak_conv=32)
+SIZES = {
+    "full": dict(_CT, model=[(8, None, 64, 1), (8, None, 128, 1), (32, None, 64, 1)], demo_step=_DEMO_STEP,
+                 repeats=5, prep_repeats=3, predict_repeats=3, pipeline=True),
+    "quick": dict(_CT, model=[(8, None, 64, 1)], demo_step=_DEMO_STEP,
+                  repeats=3, prep_repeats=1, predict_repeats=1, pipeline=False),
+    "smoke": dict(case_shape=(64, 64, 40), case_spacing=(6.0, 6.0, 9.0), prep_spacings=(9.0, 12.0),
+                  sw_volume=(40, 40, 24), sw_window=16, sw_net=(4, 3),
+                  demo_ckpt=dict(CPU_DEMO, TARGET_SPACING=(12.0,) * 3, PATCH_SIZE=(16,) * 3, DEPTH=3, BASE_CHANNELS=4),
+                  use_trained=False, peak_conv=8,
+                  model=[(4, 3, 16, 1)], demo_step=(4, 3, 16, 2),
+                  repeats=1, prep_repeats=1, predict_repeats=1, pipeline=False),
+}
+BUSY_LOAD = 0.5  # 1-min load average before the run above which the report warns that the machine was busy
+SW_OVERLAP = 0.25  # sliding-window comparison: MONAI's default overlap
+SW_BATCH = 4
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+def spread(values):
+    """(median, min, max) of a list of numbers."""
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt_spread(values, digits=2):
+    med, lo, hi = spread(values)
+    return f"{med:.{digits}f}" if len(values) == 1 else f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def proc_status_mb(field):
+    """VmRSS / VmHWM of this process in MB (Linux)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss():
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_cmd(*args):
+    """Command line of a child mode of this script (see run_child)."""
+    return [sys.executable, str(Path(__file__).resolve()), "--child", *map(str, args)]
+
+
+def csv(values):
+    return ",".join(map(str, values))
+
+
+def emit(**values):
+    """A result line for the parent process to parse."""
+    print("BENCH " + json.dumps(values), flush=True)
+
+
+def machine():
+    """CPU model, cores, ISA features that matter for bf16, torch version."""
+    import torch
+
+    model, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name") and model is None:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    model = model or platform.processor() or "unknown CPU"
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return dict(cpu=model, cores=os.cpu_count(), isa=isa, torch=torch.__version__, python=platform.python_version(),
+                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Measured subprocesses
+# --------------------------------------------------------------------------------------------
+def measure(cmd, log, env=None, timeout=900):
+    """Run `cmd` (list) through the RSS wrapper; returns a dict with wall_s, peak_rss_mb, rc and whatever the
+    command itself reported on BENCH lines; "error" holds the last output line when it failed. Output -> log."""
+    wrapped = [sys.executable, str(Path(__file__).resolve()), "--child", "rss", "--", *cmd]
+    with open(log, "a") as fh:
+        fh.write(f"$ {shlex.join(cmd)}\n")
+        fh.flush()
+        proc = subprocess.Popen(wrapped, cwd=REPO, env={**os.environ, **(env or {})}, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the wrapper and everything it started
+            proc.wait()
+            return {"rc": None, "error": f"timed out after {timeout} s"}
+    lines = Path(log).read_text().splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("$ "))
+    result = {}
+    for line in lines[start:]:
+        if line.startswith("BENCH "):
+            result.update(json.loads(line[6:]))
+    if result.get("rc") != 0:
+        tail = [l for l in lines[start + 1:] if l.strip() and not l.startswith("BENCH ")]
+        result["error"] = f"exit {result.get('rc', proc.returncode)}: {tail[-1][:160] if tail else 'no output'}"
+    return result
+
+
+def child_rss(cmd):
+    """Wrapper: run cmd, then report its wall time and the peak RSS of the largest process it ran."""
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd).returncode
+    emit(wall_s=time.perf_counter() - t0, rc=rc,
+         peak_rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)  # Linux: KiB
+    return rc
+
+
+def child_make_case(out_dir, shape, spacing):
+    """One CT-sized phantom case written in the AbdomenAtlas layout."""
+    import phantom
+
+    t0 = time.perf_counter()
+    phantom.write_case(phantom.make_case(0, grid="ct", shape=shape, spacing=spacing), out_dir)
+    emit(seconds=time.perf_counter() - t0)
+
+
+def child_preprocess(case_dir, out_dir, spacing):
+    """preprocessing.process_case at TARGET_SPACING = spacing (mm, isotropic)."""
+    import torch
+    import preprocessing
+
+    torch.set_num_threads(THREADS)
+    config.TARGET_SPACING = (spacing,) * 3
+    t0 = time.perf_counter()
+    meta = preprocessing.process_case(case_dir, out_dir)
+    emit(seconds=time.perf_counter() - t0, model_shape=meta["geom"]["model_shape"])
+
+
+def child_sliding(impl, volume, window, base, depth):
+    """One sliding-window pass of MultiDecoderUNet (eval, fp32) over a random volume: ours or MONAI's."""
+    import torch
+    import inference
+    from multi_decoder_model import MultiDecoderUNet
+
+    torch.set_num_threads(THREADS)
+    config.AMP = False  # fp32 in both, whatever the CPU (predict_logits would use bf16 where it is fast)
+    torch.manual_seed(0)
+    model = MultiDecoderUNet(base_channels=base, depth=depth).eval()
+    image = torch.randn(1, 1, *volume, generator=torch.Generator().manual_seed(0))  # (1, 1, X, Y, Z)
+    if impl == "ours":
+        def run():
+            return inference.predict_logits(model, image[0, 0].numpy(), window, SW_OVERLAP, SW_BATCH, False, "cpu")
+    else:
+        from monai.inferers import sliding_window_inference
+
+        def run():
+            with torch.inference_mode():
+                return sliding_window_inference(image, window, SW_BATCH, model, overlap=SW_OVERLAP, mode="gaussian",
+                                                sigma_scale=inference.GAUSSIAN_SIGMA_SCALE)
+    with torch.inference_mode():  # warm-up: oneDNN builds its kernels on the first call of each shape
+        model(torch.randn(SW_BATCH, 1, *window))
+    before = proc_status_mb("VmRSS")
+    exact = reset_peak_rss()
+    t0 = time.perf_counter()
+    out = run()
+    seconds = time.perf_counter() - t0
+    emit(seconds=seconds, rss_before_mb=before, hwm_mb=proc_status_mb("VmHWM"), hwm_exact=exact,
+         out_shape=list(out.shape))
+
+
+# --------------------------------------------------------------------------------------------
+# Rows: preprocessing, sliding window, predict, pipeline
+# --------------------------------------------------------------------------------------------
+def bench_preprocessing(sizes, work, log, rows):
+    """Make the CT-sized case (returned for the predict row), then process_case at each target spacing."""
+    case_dir = work / "BDMAP_00000001"
+    made = measure(child_cmd("make-case", case_dir, csv(sizes["case_shape"]), csv(sizes["case_spacing"])), log)
+    shape = "x".join(map(str, sizes["case_shape"]))
+    spacing = "x".join(map(str, sizes["case_spacing"]))
+    if made.get("error"):
+        rows.append(("phantom CT case", f"{shape} @ {spacing} mm", f"failed: {made['error']}", "", "", ""))
+        return None
+    rows.append(("phantom CT case (setup)", f"make_case + write_case, {shape} @ {spacing} mm",
+                 f"{made['seconds']:.1f}", f"{made['peak_rss_mb']:.0f} MB", "one run, not a target", ""))
+    for target in sizes["prep_spacings"]:
+        runs = [measure(child_cmd("preprocess", case_dir, work / f"prep_{target}_{i}", target), log)
+                for i in range(sizes["prep_repeats"])]
+        label = "preprocessing.process_case"
+        setting = f"-> {target:g} mm ({'GPU' if target == 1.5 else 'CPU' if target == 3.0 else 'test'} profile)"
+        bad = [r["error"] for r in runs if r.get("error")]
+        if bad:
+            rows.append((label, setting, f"failed: {bad[0]}", "", "", ""))
+            continue
+        rows.append((label, setting, fmt_spread([r["seconds"] for r in runs]),
+                     f"{max(r['peak_rss_mb'] for r in runs):.0f} MB",
+                     f"model-space shape {'x'.join(map(str, runs[0]['model_shape']))}; "
+                     f"process wall {fmt_spread([r['wall_s'] for r in runs], 1)} s with imports", ""))
+    return case_dir
+
+
+def bench_sliding(sizes, log, rows):
+    """Ours vs MONAI, alternating fresh processes so that load noise hits both."""
+    try:
+        import monai  # noqa: F401  (test-only dependency)
+        impls = ("ours", "monai")
+    except ImportError:
+        impls = ("ours",)
+    vol, win = sizes["sw_volume"], sizes["sw_window"]
+    base, depth = sizes["sw_net"]
+    results = {impl: [] for impl in impls}
+    for _ in range(sizes["repeats"]):
+        for impl in impls:
+            results[impl].append(measure(child_cmd("sliding", impl, csv(vol), win, base, depth), log))
+    setting = (f"MultiDecoderUNet base {base} depth {depth} eval fp32, 1x1x{'x'.join(map(str, vol))}, {win}^3 windows, "
+               f"overlap {SW_OVERLAP}, sw_batch {SW_BATCH}, gaussian")
+    times = {}
+    for impl in impls:
+        runs = results[impl]
+        label = "sliding window, ours (inference.predict_logits)" if impl == "ours" else \
+            "sliding window, MONAI sliding_window_inference"
+        bad = [r["error"] for r in runs if r.get("error")]
+        if bad:
+            rows.append((label, setting, f"failed: {bad[0]}", "", "", ""))
+            continue
+        times[impl] = statistics.median(r["seconds"] for r in runs)
+        extra = max(r["hwm_mb"] - r["rss_before_mb"] for r in runs)
+        derived = "" if impl == "ours" or "ours" not in times else f"MONAI / ours time: {times[impl] / times['ours']:.2f}x"
+        rows.append((label, setting if impl == "ours" else "same net, same volume",
+                     fmt_spread([r["seconds"] for r in runs]),
+                     f"+{extra:.0f} MB over {runs[0]['rss_before_mb']:.0f} MB"
+                     + ("" if all(r["hwm_exact"] for r in runs) else " (peak not resettable: upper bound)"),
+                     derived, ""))
+
+
+def random_checkpoint(path, demo):
+    """A randomly initialised checkpoint in train.py's format with the settings `demo` (CPU_DEMO-like) on top
+    of config.py's CPU profile: what predict.py gets when no trained checkpoint exists."""
+    import torch
+    import train
+    from multi_decoder_model import MultiDecoderUNet
+
+    settings = config.settings()
+    settings.update({k: list(v) if isinstance(v, tuple) else v for k, v in {**config.PROFILES["cpu"], **demo}.items()})
+    torch.manual_seed(config.SEED)
+    model = MultiDecoderUNet(organs=config.ORGANS, base_channels=demo["BASE_CHANNELS"], depth=demo["DEPTH"],
+                             attention=config.ATTENTION)
+    optimizer = train.make_optimizer(model)
+    ckpt = {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
+            "scheduler": train.make_scheduler(optimizer).state_dict(),
+            "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "epoch": 0, "rng": None,
+            "best": {"score": None, "epoch": None}, "settings": settings, "largest_component": False,
+            "run": config.run_record("cpu")}
+    train.save_atomic(ckpt, path)
+    return path
+
+
+def bench_predict(sizes, case_dir, work, log, rows):
+    """predict.py on the CT-sized case, in a fresh process per run."""
+    label = "predict.py end to end"
+    if case_dir is None:
+        rows.append((label, "", "skipped: no CT case (see the phantom row)", "", "", ""))
+        return
+    best = Path(config.CHECKPOINT_DIR) / "best_model.pth"
+    if best.is_file() and sizes["use_trained"]:
+        ckpt, which = best, f"trained {best.relative_to(REPO) if best.is_relative_to(REPO) else best}"
+    else:
+        demo = sizes["demo_ckpt"]
+        ckpt = random_checkpoint(work / "random_model.pth", demo)
+        which = (f"random-init checkpoint, CPU demo settings ({demo['TARGET_SPACING'][0]:g} mm, "
+                 f"{demo['PATCH_SIZE'][0]}^3, depth {demo['DEPTH']}, base {demo['BASE_CHANNELS']})")
+    runs = [measure([sys.executable, "predict.py", str(case_dir / "ct.nii.gz"), "-o", str(work / f"pred_{i}"),
+                     "--checkpoint", str(ckpt)], log) for i in range(sizes["predict_repeats"])]
+    shape = "x".join(map(str, sizes["case_shape"]))
+    bad = [r["error"] for r in runs if r.get("error")]
+    if bad:
+        rows.append((label, f"{shape} CT, {which}", f"failed: {bad[0]}", "", "", ""))
+        return
+    secs = [r["wall_s"] for r in runs]
+    gb = max(r["peak_rss_mb"] for r in runs) / 1024
+    med = statistics.median(secs)
+    rows.append((label, f"{shape} CT, {which}", fmt_spread(secs, 1), f"{gb:.2f} GB",
+                 "wall time incl. Python/torch start-up, reading, writing",
+                 f"<= {TARGETS['predict_s']:g} s: {met(med <= TARGETS['predict_s'], med - TARGETS['predict_s'], 's')}; "
+                 f"<= {TARGETS['predict_gb']:g} GB: {met(gb <= TARGETS['predict_gb'], gb - TARGETS['predict_gb'], 'GB')}"))
+
+
+def bench_pipeline(work, log, rows):
+    """run_pipeline.py --all, CPU profile, phantom generated first into a temporary data root."""
+    env = {"PELVIS_DATA_ROOT": str(work / "pipeline_data"), "PELVIS_OUTPUT_ROOT": str(work / "pipeline_out"),
+           "PYTHONUNBUFFERED": "1"}
+    # run_pipeline.ensure_data only generates the phantom into the default data root, so make it here (timed)
+    gen = measure([sys.executable, "phantom.py", "--out", env["PELVIS_DATA_ROOT"]], log, env, timeout=1800)
+    run = measure([sys.executable, "run_pipeline.py", "--all", "--PROFILE=cpu"], log, env, timeout=3600) \
+        if not gen.get("error") else gen
+    if run.get("error"):
+        rows.append(("run_pipeline.py --all", "CPU profile", f"failed: {run['error']}", "", "", ""))
+        return
+    total = gen["wall_s"] + run["wall_s"]
+    rows.append(("run_pipeline.py --all", "CPU profile, fresh temp PELVIS_DATA_ROOT / PELVIS_OUTPUT_ROOT",
+                 f"{run['wall_s']:.0f}", f"{max(gen['peak_rss_mb'], run['peak_rss_mb']) / 1024:.2f} GB",
+                 f"one run; + phantom generation {gen['wall_s']:.0f} s = {total:.0f} s",
+                 f"<= {TARGETS['pipeline_s']:g} s incl. phantom: "
+                 f"{met(total <= TARGETS['pipeline_s'], total - TARGETS['pipeline_s'], 's', 0)}"))
+
+
+def met(ok, gap, unit, digits=1):
+    return "met" if ok else f"NOT met ({gap:+.{digits}f} {unit})"
+
+
+# --------------------------------------------------------------------------------------------
+# Rows: train step (in this process)
+# --------------------------------------------------------------------------------------------
+def interleaved_times(steps, repeats, warmup=1):
+    """Seconds per call of each step function, the functions taking turns (one list per function)."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    times = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, out in zip(steps, times):
+            t0 = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - t0)
+    return times
+
+
+def record_convs(model, x, amp=False):
+    """Every convolution one forward of `model` on `x` runs, as the kernel sees it:
+    [(x shape, w shape, bias, stride, padding, dilation, groups, x channels-last, w channels-last, dtype)]."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cl = torch.channels_last_3d
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default and not args[6]:  # args[6]: transposed
+                inp, w, b, stride, padding, dilation, _, _, groups = args
+                self.calls.append((tuple(inp.shape), tuple(w.shape), b is not None, tuple(stride), tuple(padding),
+                                   tuple(dilation), groups, inp.is_contiguous(memory_format=cl),
+                                   w.is_contiguous(memory_format=cl), inp.dtype))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), Recorder() as rec:
+        model(x)
+    return rec.calls
+
+
+def conv_mix_ceiling(calls, repeats=2):
+    """(GFLOP per train step, GFLOP/s) of the recorded convolutions run one by one outside the net, forward +
+    backward (input and weight gradients), best of `repeats`: what the step would reach if every conv ran as
+    fast as it does alone and nothing else took time. FLOPs counted as 3 x forward, like bench_model."""
+    import collections
+    import math
+    import torch
+    import torch.nn.functional as F
+
+    cl = torch.channels_last_3d
+    total_flops = total_time = 0.0
+    for (xs, ws, bias, stride, padding, dilation, groups, x_cl, w_cl, dtype), n in collections.Counter(calls).items():
+        x = torch.randn(xs, dtype=dtype)
+        w = torch.randn(ws, dtype=dtype) * 0.1
+        x, w = (x.to(memory_format=cl) if x_cl else x), (w.to(memory_format=cl) if w_cl else w)
+        b = torch.zeros(ws[0], dtype=dtype, requires_grad=True) if bias else None
+        x.requires_grad_(), w.requires_grad_()
+        out = F.conv3d(x, w, b, stride, padding, dilation, groups)
+        grad = torch.randn_like(out)
+        best = math.inf
+        for _ in range(repeats + 1):  # the first one is a warm-up
+            t0 = time.perf_counter()
+            F.conv3d(x, w, b, stride, padding, dilation, groups).backward(grad)
+            best = min(best, time.perf_counter() - t0)
+        total_flops += n * 3 * 2 * out.numel() * ws[1] * math.prod(ws[2:])  # ws[1] = input channels per group
+        total_time += n * best
+    return total_flops / 1e9, total_flops / 1e9 / total_time
+
+
+def bench_train_steps(sizes, rows):
+    import torch
+    import bench_model
+    import inference
+    from multi_decoder_model import MultiDecoderUNet
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    amp = inference.cpu_bf16_fast()  # bf16 only where the CPU has it natively (emulated bf16 is ~100x slower)
+    ours_kind = "bf16 autocast" if amp else "fp32"
+    peak = bench_model.conv_ceiling_gflops(size=sizes["peak_conv"], amp=amp)
+    cases = [(base, depth or config.DEPTH, size, batch, False) for base, depth, size, batch in sizes["model"]]
+    cases.append((*sizes["demo_step"], True))
+    for base, depth, size, batch, demo in cases:
+        ours = MultiDecoderUNet(base_channels=base, depth=depth)
+        ref = bench_model.ReferenceNet(base_channels=base, depth=depth)
+        gflop = bench_model.count_step_gflops(ours, size, batch), bench_model.count_step_gflops(ref, size, batch)
+        reps = sizes["repeats"] if size <= 64 else max(2, sizes["repeats"] // 2)
+        t_ours, t_ref = interleaved_times([bench_model.train_step_fn(ours, size, batch, amp, True),
+                                           bench_model.train_step_fn(ref, size, batch, False, False)], reps)
+        x = torch.randn(batch, 1, size, size, size).to(memory_format=torch.channels_last_3d)
+        conv_gflop, mix = conv_mix_ceiling(record_convs(ours, x, amp))
+        med_ours, med_ref = statistics.median(t_ours), statistics.median(t_ref)
+        rate = gflop[0] / med_ours
+        mix_pct = 100 * conv_gflop / med_ours / mix
+        speedup = med_ref / med_ours
+        setting = f"base {base}, depth {depth}, {size}^3, batch {batch}" + (" (CPU demo)" if demo else "")
+        rows.append((f"train step, ours ({ours_kind} channels-last)", setting, fmt_spread(t_ours, 3), "",
+                     f"{batch / med_ours:.2f} patches/s; {gflop[0]:.1f} GFLOP/step, {rate:.1f} GFLOP/s = "
+                     f"{100 * rate / peak:.0f} % of the single-conv peak, {mix_pct:.0f} % of the layer-mix ceiling "
+                     f"({mix:.1f} GFLOP/s); {speedup:.2f}x the reference",
+                     f">= {TARGETS['speedup']:g}x ref: {met(speedup >= TARGETS['speedup'], speedup - TARGETS['speedup'], 'x', 2)}; "
+                     f">= {TARGETS['mix_pct']:g} % of mix: {met(mix_pct >= TARGETS['mix_pct'], mix_pct - TARGETS['mix_pct'], '%', 0)}"))
+        rows.append(("train step, bench_model.ReferenceNet (fp32)", "same", fmt_spread(t_ref, 3), "",
+                     f"{batch / med_ref:.2f} patches/s; {gflop[1]:.1f} GFLOP/step, {gflop[1] / med_ref:.1f} GFLOP/s", ""))
+        print(f"  train step {setting}: ours {med_ours:.3f} s, reference {med_ref:.3f} s", flush=True)
+    return peak, amp
+
+
+def bench_gpu(rows, repeats, device="cuda", size=128, bases=(8, 32)):
+    """GPU train step (as train.py: channels-last, autocast from inference.amp_dtype, dice_ce_loss, AdamW) at
+    size^3, batch 1, base 8 and 32, with/without activation checkpointing: seconds and peak allocated memory.
+    Runs on CUDA only from main(); device="cpu" with a small size only checks the code path."""
+    import torch
+    import inference
+    import train
+    from multi_decoder_model import MultiDecoderUNet
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    dtype = inference.amp_dtype(dev)
+    torch.backends.cudnn.benchmark = True
+    for base in bases:
+        for checkpointing in (False, True):
+            model = MultiDecoderUNet(base_channels=base, depth=config.DEPTH, checkpointing=checkpointing)
+            model = model.to(dev, memory_format=torch.channels_last_3d).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            x = torch.randn(1, 1, size, size, size, device=dev).to(memory_format=torch.channels_last_3d)
+            target = torch.randint(0, len(model.organs) + 1, (1, size, size, size), device=dev)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    logits = model(x)
+                train.dice_ce_loss(logits, target).backward()
+                opt.step()
+                if cuda:
+                    torch.cuda.synchronize(dev)  # kernels run asynchronously: wait before reading the clock
+
+            step()  # warm-up (cudnn.benchmark picks its kernels here)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(dev)
+            times = interleaved_times([step], repeats, warmup=0)[0]
+            memory = f"{torch.cuda.max_memory_allocated(dev) / 2 ** 30:.2f} GB allocated (peak)" if cuda else "n/a"
+            rows.append((f"GPU train step ({str(dtype or 'fp32').replace('torch.', '')})",
+                         f"base {base}, {size}^3, batch 1, activation checkpointing {'on' if checkpointing else 'off'}",
+                         fmt_spread(times, 3), memory, f"{1 / statistics.median(times):.2f} patches/s", ""))
+            del model, opt, x, target
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+def demo_mismatch():
+    """CPU_DEMO settings that config.py's CPU profile does not give (so that the report says so)."""
+    profile = config.PROFILES.get("cpu", {})
+    diff = []
+    for name, value in CPU_DEMO.items():
+        current = profile.get(name, getattr(config, name))
+        if (tuple(current) != tuple(value)) if isinstance(value, tuple) else (current != value):
+            diff.append(f"{name}={current}")
+    return diff
+
+
+def render(rows, info, command, peak, peak_size, amp, mode, elapsed, loads):
+    header = ("| benchmark | setting | seconds, median (min-max) | peak memory | derived | target |\n"
+              "|---|---|---|---|---|---|")
+    table = "\n".join([header] + ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows])
+    bf16 = ("native bf16 kernels (cpu_bf16_fast() is True): our net runs bf16 autocast" if amp else
+            "NO native bf16 (no AVX512-BF16 / AMX): bf16 autocast is emulated and ~100x slower, so our net runs "
+            "fp32 channels-last on this CPU (inference.amp_dtype / cpu_bf16_fast decide)")
+    mismatch = demo_mismatch()
+    notes = [
+        f"- Machine: {info['cpu']}, {info['cores']} cores, ISA {', '.join(info['isa']) or 'unknown'}; {bf16}. "
+        f"torch {info['torch']}, Python {info['python']}, torch threads {THREADS}"
+        + (f"; GPU {info['cuda']}" if info["cuda"] else "; no GPU") + ".",
+        f"- Date {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; command `{command}`"
+        f" ({mode} mode, {elapsed / 60:.1f} min in all). 1-min load average at start {loads[0]:.2f}, at the end "
+        f"{loads[1]:.2f} (other work on the machine inflates every time here).",
+        "- Median (min-max) of the runs after one warm-up; train-step runs of ours and the reference take turns, "
+        "sliding-window runs alternate fresh processes.",
+        f"- Single-conv peak: one 3x3x3 32->32 Conv3d forward at {peak_size}^3, batch 1, channels-last "
+        f"({'bf16' if amp else 'fp32'}): {peak:.1f} GFLOP/s (bench_model.conv_ceiling_gflops). Layer-mix ceiling: "
+        "the convolutions one step of our net runs (recorded at the kernel, same shapes, groups and memory formats), "
+        "each timed alone forward + backward; the % is conv FLOPs / step time / that rate, i.e. the share of the step "
+        "spent doing conv work at stand-alone speed (the rest: norms, activations, attention, copies, optimiser). "
+        "FLOPs = 3 x forward (torch.utils.flop_counter), as in bench_model.py.",
+        "- Peak memory: peak RSS of the largest process of a fresh run (through a small wrapper, as ru_maxrss "
+        "inherits the parent's peak otherwise); for the sliding window, the growth of the RSS high-water mark during "
+        "the call over the process after model set-up and warm-up.",
+    ]
+    if loads[0] > BUSY_LOAD:
+        notes.insert(0, f"- **WARNING: the machine was busy** (1-min load average {loads[0]:.1f} on {info['cores']} cores "
+                     "before this benchmark started). On oversubscribed cores oneDNN's OpenMP barriers make a "
+                     f"{THREADS}-thread Conv3d backward up to ~10x slower than alone, so these times (and the layer-mix "
+                     "ceiling, which times single convs) are unreliable: rerun on an idle machine. Peak memory is "
+                     "not affected.")
+    unmet = [f"{row[0]} [{row[1]}]: {row[5]}" for row in rows if "NOT met" in row[5]]
+    failed = [f"{row[0]} [{row[1]}]" for row in rows if str(row[2]).startswith("failed")]
+    notes.append("- Targets NOT met: " + "; ".join(unmet) if unmet else "- Every measured target is met.")
+    if failed:
+        notes.append("- Failed runs: " + "; ".join(failed) + " (their output went to stderr).")
+    if mismatch:
+        notes.append(f"- CPU demo setting used here: {', '.join(f'{k}={v}' for k, v in CPU_DEMO.items())}; config.py's "
+                     f"CPU profile currently gives {', '.join(mismatch)}.")
+    title = "# Benchmarks" + (" (SMOKE: tiny sizes, numbers mean nothing)" if mode == "smoke" else "")
+    return f"{title}\n\n{table}\n\n" + "\n".join(notes) + "\n"
+
+
+def write_atomic(path, text):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_child(args):
+    kind, rest = args[0], args[1:]
+    if kind == "rss":
+        return child_rss(rest[1:] if rest[:1] == ["--"] else rest)
+    if kind == "make-case":
+        child_make_case(rest[0], tuple(int(v) for v in rest[1].split(",")), tuple(float(v) for v in rest[2].split(",")))
+    elif kind == "preprocess":
+        child_preprocess(rest[0], rest[1], float(rest[2]))
+    elif kind == "sliding":
+        child_sliding(rest[0], tuple(int(v) for v in rest[1].split(",")), (int(rest[2]),) * 3, int(rest[3]),
+                      int(rest[4]))
+    else:
+        raise SystemExit(f"bench.py: unknown child {kind!r}")
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:  # a measured child process (see measure); keeps this process small
+        return run_child(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, 64^3 + CPU demo only, no pipeline run")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds); checks the code paths")
+    parser.add_argument("--out", type=Path, default=None, help="report file (default BENCHMARKS.md; none with --smoke)")
+    args = parser.parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    sizes = SIZES[mode]
+    out = args.out or (None if args.smoke else REPO / "BENCHMARKS.md")
+    command = shlex.join(["python", "bench.py", *argv])
+    t0, load_start = time.time(), os.getloadavg()[0]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        work = Path(tmp)
+        log = work / "children.log"
+        # processes first, while this one is small; then the in-process train steps
+        print("bench: preprocessing", flush=True)
+        case_dir = bench_preprocessing(sizes, work, log, rows)
+        print("bench: sliding window", flush=True)
+        bench_sliding(sizes, log, rows)
+        print("bench: predict.py", flush=True)
+        bench_predict(sizes, case_dir, work, log, rows)
+        if sizes["pipeline"]:
+            print("bench: run_pipeline.py --all", flush=True)
+            bench_pipeline(work, log, rows)
+        else:
+            rows.append(("run_pipeline.py --all", "CPU profile", f"not run ({mode} mode)", "", "",
+                         f"<= {TARGETS['pipeline_s']:g} s incl. phantom: not measured"))
+        print("bench: train steps", flush=True)
+        peak, amp = bench_train_steps(sizes, rows)
+        import torch
+        if torch.cuda.is_available() and not args.smoke:
+            print("bench: GPU train steps", flush=True)
+            bench_gpu(rows, sizes["repeats"])
+        if any("failed" in str(row[2]) for row in rows):
+            print(f"bench: some runs failed; their output:\n{log.read_text()[-4000:]}", file=sys.stderr)
+    text = render(rows, machine(), command, peak, sizes["peak_conv"], amp, mode, time.time() - t0,
+                  (load_start, os.getloadavg()[0]))
+    print(text)
+    if out is not None:
+        write_atomic(out, text)
+        print(f"bench: written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
