@@ -210,14 +210,19 @@ def load_ct(path):
     return img
 
 
-def _load_mask(path, ct):
-    """(uint8 0/1 mask on the CT grid, warnings); CaseError on wrong grid or values."""
-    data, affine, _, warnings = _read_nifti(path)
+def _check_on_ct_grid(path, data, affine, ct):
+    """CaseError unless a mask (data, affine) from `path` lies on the CT's voxel grid (shape and affine)."""
     if data.shape != ct.shape:
         raise CaseError(path, f"mask shape {tuple(data.shape)} != CT shape {tuple(ct.shape)}")
     diff = _same_grid(ct.affine, affine)
     if diff:
         raise CaseError(path, f"mask affine differs from the CT: {diff}")
+
+
+def _load_mask(path, ct):
+    """(uint8 0/1 mask on the CT grid, warnings); CaseError on wrong grid or values."""
+    data, affine, _, warnings = _read_nifti(path)
+    _check_on_ct_grid(path, data, affine, ct)
     mask, warning = _binarize(path, data)
     return mask, warnings + ([warning] if warning else [])
 
@@ -240,11 +245,7 @@ def read_case(case_dir):
         nonlocal combined
         if combined is None:
             data, affine, _, w = _read_nifti(combined_path)
-            if data.shape != ct.shape:
-                raise CaseError(combined_path, f"mask shape {tuple(data.shape)} != CT shape {tuple(ct.shape)}")
-            diff = _same_grid(ct.affine, affine)
-            if diff:
-                raise CaseError(combined_path, f"mask affine differs from the CT: {diff}")
+            _check_on_ct_grid(combined_path, data, affine, ct)
             if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
                 raise CaseError(combined_path, "label map holds non-integer values")
             warnings.extend(w)
