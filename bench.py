@@ -8,8 +8,8 @@ Usage:
 Every figure is the median of several runs after a warm-up, with min and max. Rows:
 - preprocessing.process_case of one CT-sized phantom case (512 x 512 x 300 at 0.8 x 0.8 x 1.5 mm), at 1.5 mm
   (GPU profile) and 3 mm (CPU profile), each run in a fresh process: seconds and peak RSS;
-- train step (forward + loss + backward + AdamW) of MultiDecoderUNet against bench_model.ReferenceNet (runs
-  interleaved so that load noise hits both), achieved GFLOP/s against the measured conv ceilings;
+- train step (forward + loss + backward + AdamW) and inference forward of MultiDecoderUNet against
+  bench_model.ReferenceNet (runs interleaved so that load noise hits both), achieved GFLOP/s against the measured conv ceilings;
 - sliding-window inference, inference.predict_logits against MONAI's sliding_window_inference on the same net
   and volume, each run in a fresh process: seconds and peak RSS;
 - predict.py end to end on the CT-sized case: seconds and peak RSS;
@@ -455,8 +455,9 @@ def bench_train_steps(sizes, rows):
         ref = bench_model.ReferenceNet(base_channels=base, depth=depth)
         gflop = bench_model.count_step_gflops(ours, size, batch), bench_model.count_step_gflops(ref, size, batch)
         reps = sizes["repeats"] if size <= 64 else max(2, sizes["repeats"] // 2)
-        t_ours, t_ref = interleaved_times([bench_model.train_step_fn(ours, size, batch, amp, True),
-                                           bench_model.train_step_fn(ref, size, batch, False, False)], reps)
+        t_ours, t_ref, f_ours, f_ref = interleaved_times(
+            [bench_model.train_step_fn(ours, size, batch, amp, True), bench_model.train_step_fn(ref, size, batch, False, False),
+             bench_model.forward_fn(ours, size, batch, amp, True), bench_model.forward_fn(ref, size, batch, False, False)], reps)
         x = torch.randn(batch, 1, size, size, size).to(memory_format=torch.channels_last_3d)
         conv_gflop, mix = conv_mix_ceiling(record_convs(ours, x, amp))
         med_ours, med_ref = statistics.median(t_ours), statistics.median(t_ref)
@@ -472,6 +473,9 @@ def bench_train_steps(sizes, rows):
                      f">= {TARGETS['mix_pct']:g} % of mix: {met(mix_pct >= TARGETS['mix_pct'], mix_pct - TARGETS['mix_pct'], '%', 0)}"))
         rows.append(("train step, bench_model.ReferenceNet (fp32)", "same", fmt_spread(t_ref, 3), "",
                      f"{batch / med_ref:.2f} patches/s; {gflop[1]:.1f} GFLOP/step, {gflop[1] / med_ref:.1f} GFLOP/s", ""))
+        rows.append((f"forward (eval, no grad), ours ({ours_kind} channels-last)", "same", fmt_spread(f_ours, 3), "",
+                     f"{statistics.median(f_ref) / statistics.median(f_ours):.2f}x the reference", ""))
+        rows.append(("forward (eval, no grad), bench_model.ReferenceNet (fp32)", "same", fmt_spread(f_ref, 3), "", "", ""))
         print(f"  train step {setting}: ours {med_ours:.3f} s, reference {med_ref:.3f} s", flush=True)
     return peak, amp
 

@@ -94,18 +94,23 @@ class ReferenceNet(nn.Module):
 
 # --- Timing helpers -------------------------------------------------------------------------------
 def _loss(model, out, target):
+    """Reference: BCE on sigmoid outputs vs one-hot target. Ours: cross-entropy over the implicit background
+    logit 0 and the organ logits vs the label map, as train.py gets it from the patch sampler."""
     if isinstance(model, ReferenceNet):
         return F.binary_cross_entropy(out.float(), target)
-    # implicit background logit 0, as in the contract
     logits = torch.cat([torch.zeros_like(out[:, :1]), out], 1).float()
-    return F.cross_entropy(logits, target.argmax(1) * (target.amax(1) > 0))
+    return F.cross_entropy(logits, target)
 
 
 def _batch(model, size, batch, channels_last):
+    """Random input and target: a one-hot (B, 3, ...) float target for the reference, the same labels as a
+    (B, ...) int64 label map (0 background, 1..K organs) for ours."""
     n = 3 if isinstance(model, ReferenceNet) else len(model.organs)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, *size, generator=g)
     target = (torch.rand(batch, n, *size, generator=g) > 0.7).float()
+    if not isinstance(model, ReferenceNet):
+        target = (target.argmax(1) + 1) * (target.amax(1) > 0)
     if channels_last:
         x = x.to(memory_format=torch.channels_last_3d)
     return x, target
@@ -122,6 +127,7 @@ def train_step_fn(model, size, batch=1, amp=False, channels_last=True):
     x, target = _batch(model, size, batch, channels_last)
 
     def step():
+        model.train()
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             out = model(x)
@@ -130,6 +136,21 @@ def train_step_fn(model, size, batch=1, amp=False, channels_last=True):
         opt.step()
         return loss
     return step
+
+
+def forward_fn(model, size, batch=1, amp=False, channels_last=True):
+    """A closure running one inference forward (eval mode, no autograd) on random data."""
+    if isinstance(size, int):
+        size = (size,) * 3
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    x, _ = _batch(model, size, batch, channels_last)
+
+    def forward():
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return model(x)
+    return forward
 
 
 def time_train_step(model, size, batch=1, amp=False, channels_last=True, repeats=5, warmup=1):
@@ -197,10 +218,14 @@ def saved_activation_bytes(model, size, batch=1, amp=False):
 
 
 def estimate_training_memory_gb(model, size=128, probe=32, amp=False):
-    """ESTIMATE (no GPU here) of training memory at batch 1, `size`^3: saved activations counted at
-    `probe`^3 and scaled by the voxel ratio (activations are linear in voxels), plus fp32 weights, grads and
-    two AdamW moments (16 bytes/parameter). Ignores allocator slack and cuDNN workspaces (add ~20-30 %)."""
-    act = saved_activation_bytes(model, probe, amp=amp) * (size / probe) ** 3
+    """ESTIMATE (no GPU here) of training memory at batch 1, `size`^3: bytes autograd saves, counted at
+    probe^3 and (probe/2)^3 and fitted as fixed + per-voxel (saved weight copies such as the grouped decoders'
+    concatenated weights do not grow with the patch, activations grow linearly), plus fp32 weights, grads
+    and two AdamW moments (16 bytes/parameter). Ignores allocator slack, activation gradients alive during
+    backward and cuDNN workspaces (add ~20-30 %). Returns (total GB, activations GB)."""
+    big, small = saved_activation_bytes(model, probe, amp=amp), saved_activation_bytes(model, probe // 2, amp=amp)
+    per_voxel = (big - small) / (probe ** 3 - (probe // 2) ** 3)
+    act = small + per_voxel * (size ** 3 - (probe // 2) ** 3)
     return (act + 16 * count_parameters(model)) / 2 ** 30, act / 2 ** 30
 
 

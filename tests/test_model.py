@@ -38,8 +38,8 @@ def test_output_shape_channels_last():
 def test_parameter_counts_default_depth():
     n8 = count_parameters(MultiDecoderUNet(organs=ORGANS, base_channels=8, depth=5))
     n32 = count_parameters(MultiDecoderUNet(organs=ORGANS, base_channels=32, depth=5))
-    assert n8 == 3_011_547
-    assert n32 == 48_137_571
+    assert n8 == 3_003_435
+    assert n32 == 48_008_355
     assert 2e6 <= n8 <= 4e6 and 30e6 <= n32 <= 60e6
 
 
@@ -158,3 +158,25 @@ def test_onednn_conv_routing_is_exact(shape):
     plain(x2).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("depth, levels", [(5, {"2", "3"}), (4, {"1", "2"}), (3, {"1"})])
+def test_attention_at_the_two_coarsest_decoder_levels(depth, levels):
+    model = tiny(depth=depth)
+    assert set(model.cross_attention) == levels
+    assert model.cross_attention[max(levels)].c == 4 * 2 ** int(max(levels))  # width of that level
+
+
+def test_fine_level_is_pointwise_and_uses_the_skip():
+    """The full-resolution decoder level has no spatial kernel: changing one voxel of its inputs changes
+    the output at that voxel's 2x2x2 block (coarse) or at that voxel only (skip)."""
+    from multi_decoder_model import FineLevel
+    torch.manual_seed(0)
+    fine = FineLevel(8, 4).eval()
+    coarse, skip = torch.randn(1, 8, 4, 4, 4), torch.randn(1, 4, 8, 8, 8)
+    with torch.no_grad():
+        base = fine(coarse, skip)
+        skip2 = skip.clone()
+        skip2[0, :, 3, 3, 3] += 5
+        changed = (fine(coarse, skip2) - base).abs().sum(1)[0] > 0
+    assert changed[3, 3, 3] and changed.sum() == 1
