@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import config
+from fileio import write_atomic, write_text_atomic
 
 ABSENT_RULE = ("An organ absent from the reference is reported as absent (correctly absent, or a false organ "
                "when the model predicts one), never as Dice 1.0; Dice, HD95 and NSD are averaged over "
@@ -199,13 +200,10 @@ def _plt():
 
 def save_figure(fig, path):
     """Write a figure atomically (temp file in the same folder, then rename) and close it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=DPI, format="png")
+    write_atomic(path, lambda f: fig.savefig(f, dpi=DPI, format="png"))
     _plt().close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def series(log, key, organ=None):
@@ -803,14 +801,6 @@ def markdown_to_html(md, title="Run report"):
 
 # --- Entry points ----------------------------------------------------------------------------
 
-def write_text(path, text):
-    """Atomic text write (temp file in the same folder, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
 
 def phantom_preview(inputs, out_dir):
     """analysis/phantom_preview.png via phantom.preview() when the data is the phantom; None otherwise."""
@@ -839,8 +829,8 @@ def analyze(out_dir=None):
     if preview is not None:
         figures["phantom_preview"] = preview
     md = render_markdown(inputs, figures, out_dir)
-    report = write_text(out_dir / "report.md", md)
-    write_text(out_dir / "report.html", markdown_to_html(md, "Pelvic organ segmentation: run report"))
+    report = write_text_atomic(out_dir / "report.md", md)
+    write_text_atomic(out_dir / "report.html", markdown_to_html(md, "Pelvic organ segmentation: run report"))
     return report
 
 

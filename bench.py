@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import config
+from fileio import write_text_atomic
 
 REPO = Path(__file__).resolve().parent
 THREADS = 2  # torch threads for the in-process and child benchmarks (the dev box and CI have 2 cores)
@@ -354,9 +355,12 @@ def bench_pipeline(work, log, rows):
         rows.append(("run_pipeline.py --all", "CPU profile", f"failed: {run['error']}", "", "", ""))
         return
     total = gen["wall_s"] + run["wall_s"]
+    summary = Path(env["PELVIS_OUTPUT_ROOT"]) / "evaluation_results" / "summary_statistics.json"
+    dice = {organ: s["dice"]["mean"] for organ, s in json.loads(summary.read_text())["organs"].items()}
     rows.append(("run_pipeline.py --all", "CPU profile, fresh temp PELVIS_DATA_ROOT / PELVIS_OUTPUT_ROOT",
                  f"{run['wall_s']:.0f}", f"{max(gen['peak_rss_mb'], run['peak_rss_mb']) / 1024:.2f} GB",
-                 f"one run; + phantom generation {gen['wall_s']:.0f} s = {total:.0f} s",
+                 f"one run; + phantom generation {gen['wall_s']:.0f} s = {total:.0f} s; test Dice (organ-present "
+                 f"cases) {', '.join(f'{o} {d:.3f}' for o, d in dice.items())}",
                  f"<= {TARGETS['pipeline_s']:g} s incl. phantom: "
                  f"{met(total <= TARGETS['pipeline_s'], total - TARGETS['pipeline_s'], 's', 0)}"))
 
@@ -582,13 +586,6 @@ def render(rows, info, command, peak, peak_size, amp, mode, elapsed, loads):
     return f"{title}\n\n{table}\n\n" + "\n".join(notes) + "\n"
 
 
-def write_atomic(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_child(args):
     kind, rest = args[0], args[1:]
     if kind == "rss":
@@ -648,7 +645,7 @@ def main(argv=None):
                   (load_start, os.getloadavg()[0]))
     print(text)
     if out is not None:
-        write_atomic(out, text)
+        write_text_atomic(out, text)
         print(f"bench: written to {out}")
     return 0
 

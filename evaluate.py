@@ -15,7 +15,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from nibabel import orientations as nio
 
 import config
 import metrics
+from fileio import save_nifti_atomic, write_atomic, write_text_atomic
 
 CHECKPOINT_SETTINGS = ("TARGET_SPACING", "PATCH_SIZE", "HU_CLIP")  # taken from the checkpoint, not today's config
 DISPLAY_HU = (-200, 400)  # overlay window (HU)
@@ -123,18 +123,6 @@ def predict_case(model, ct_img, device):
     return preprocessing.restore_labels(labels, geom)
 
 
-def save_nifti_atomic(img, path):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.nii.gz")  # nibabel picks the format from the suffix
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path, text):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,10 +206,7 @@ def _plt():
 
 
 def _save(fig, path):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: fig.savefig(f, dpi=110, bbox_inches="tight", format="png"))
 
 
 def _values(rows, organ, name, statuses=("present_detected", "missed")):

@@ -17,10 +17,7 @@ are exactly the voxels painted with organ tissue, then the image gets partial-vo
 noise and is rounded to int16 HU.
 """
 import argparse
-import gzip
 import json
-import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import Pool
@@ -31,6 +28,7 @@ import nibabel as nib
 from scipy import ndimage
 
 import config
+from fileio import save_nifti_atomic, write_text_atomic
 
 MASK_NAMES = ("prostate", "bladder", "rectum", "femur_left", "femur_right")
 
@@ -823,14 +821,6 @@ def _touches_edge(mask):
     return any(mask[i].any() or mask[:, i].any() or mask[:, :, i].any() for i in (0, -1))
 
 
-def _save_gz(img, path):
-    """Atomic gzip NIfTI write (temp file in the same folder, then rename) at COMPRESS_LEVEL."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with gzip.open(tmp, "wb", compresslevel=COMPRESS_LEVEL) as f:
-        f.write(img.to_bytes())
-    os.replace(tmp, path)
-
-
 def write_case(case, case_dir):
     """Write ct.nii.gz, segmentations/*.nii.gz, combined_labels.nii.gz and meta.json (last, = done marker)."""
     case_dir = Path(case_dir)
@@ -843,10 +833,8 @@ def write_case(case, case_dir):
     jobs.append((nifti(combined, case["ct"].affine), case_dir / "combined_labels.nii.gz"))
     # zlib releases the GIL, so two threads compress two files at once (the CT dominates on big grids).
     with ThreadPoolExecutor(WRITE_THREADS) as pool:
-        list(pool.map(lambda job: _save_gz(*job), jobs))
-    tmp = case_dir / f".meta.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(case["meta"], indent=1))
-    os.replace(tmp, case_dir / "meta.json")
+        list(pool.map(lambda job: save_nifti_atomic(*job, level=COMPRESS_LEVEL), jobs))
+    write_text_atomic(case_dir / "meta.json", json.dumps(case["meta"], indent=1))
 
 
 def case_seed(seed, index):
@@ -883,9 +871,7 @@ def _claim_root(out_dir, seed, grid, n_cases):
         n_cases = max(n_cases, int(old.get("n_cases", 0)))
     info = {"generator": "phantom.py", "seed": seed, "grid": grid, "n_cases": n_cases,
             "layout": "AbdomenAtlas 1.1 Mini", "label_values": config.LABEL_VALUES}
-    tmp = out_dir / f".phantom.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, marker)
+    write_text_atomic(marker, json.dumps(info, indent=1))
 
 
 def generate_dataset(out_dir, n_cases=None, seed=None, grid=None, workers=None):

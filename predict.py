@@ -13,7 +13,6 @@ exit code is 1 when any failed.
 """
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ import nibabel as nib
 import numpy as np
 
 import config
+from fileio import save_nifti_atomic, write_text_atomic
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -84,12 +84,6 @@ def like_input(data, original):
     return img
 
 
-def _save(img, path):
-    tmp = path.with_name(path.name + ".tmp.nii.gz")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
-
-
 def write_outputs(labels, original, case_dir, organs):
     """Per-organ masks, combined_labels and volumes.json for one case (files replaced atomically)."""
     seg_dir = Path(case_dir) / "segmentations"
@@ -100,15 +94,13 @@ def write_outputs(labels, original, case_dir, organs):
     volumes = {}
     for k, organ in enumerate(organs, start=1):
         mask = labels == k
-        _save(like_input(mask, original), seg_dir / f"{organ}.nii.gz")
+        save_nifti_atomic(like_input(mask, original), seg_dir / f"{organ}.nii.gz")
         combined[mask] = config.LABEL_VALUES[organ]
         n = int(mask.sum())
         volumes[organ] = {"present": n > 0, "ml": n * voxel_ml, "voxels": n}
-    _save(like_input(combined, original), Path(case_dir) / "combined_labels.nii.gz")
+    save_nifti_atomic(like_input(combined, original), Path(case_dir) / "combined_labels.nii.gz")
     record = {"spacing_mm": spacing, "shape": list(labels.shape), "organs": volumes}
-    tmp = Path(case_dir) / "volumes.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, Path(case_dir) / "volumes.json")
+    write_text_atomic(Path(case_dir) / "volumes.json", json.dumps(record, indent=2))
     return volumes
 
 

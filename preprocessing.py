@@ -38,6 +38,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import config
+from fileio import write_atomic
 
 CODE_VERSION = 1  # bump when the output of this file changes for the same settings (forces a redo)
 CROP_MARGIN_MM = 10.0  # kept around the body's bounding box
@@ -553,25 +554,12 @@ def _fingerprint(case_dir):
     return {str(p.relative_to(case_dir)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}
 
 
-def _atomic_write(path, write):
-    """write(file object) into a temp file next to `path`, then os.replace (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_npy(path, array):
-    _atomic_write(path, lambda f: np.save(f, array))
+    write_atomic(path, lambda f: np.save(f, array))
 
 
 def save_json(path, obj):
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def _organ_stats(mask, affine, voxel_ml):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import config
+from fileio import write_atomic, write_text_atomic
 import inference
 import multi_decoder_model
 import preprocessing
@@ -235,9 +236,7 @@ def save_atomic(obj, path):
     """torch.save to a temporary file beside `path`, then rename: a checkpoint is whole or absent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path):
@@ -428,12 +427,12 @@ def train(resume=False, show_progress=None, stop_after=None):
         if resume and log_path.is_file():  # drop epochs logged after the checkpoint we resume from
             kept = [l for l in log_path.read_text().splitlines()
                     if (_logged_epoch(l) or math.inf) <= start_epoch]
-        log_path.write_text("".join(l + "\n" for l in kept))
+        write_text_atomic(log_path, "".join(l + "\n" for l in kept))
         record = {**config.run_record(device), "profile": config.resolve_profile(), "settings": config.settings(),
                   "world_size": world,
                   "start_time": time.strftime("%Y-%m-%d %H:%M:%S"), "model_config": model.config,
                   "parameters": sum(p.numel() for p in model.parameters())}
-        (log_dir / "run.json").write_text(json.dumps(record, indent=2))
+        write_text_atomic(log_dir / "run.json", json.dumps(record, indent=2))
     t_start = time.time()
     for epoch in range(start_epoch + 1, config.EPOCHS + 1):
         t0 = time.time()
@@ -486,7 +485,7 @@ def train(resume=False, show_progress=None, stop_after=None):
         record = json.loads((log_dir / "run.json").read_text())
         record.update({"end_time": time.strftime("%Y-%m-%d %H:%M:%S"), "train_seconds": time.time() - t_start,
                        "best_epoch": best["epoch"], "best_score": best["score"]})
-        (log_dir / "run.json").write_text(json.dumps(record, indent=2))
+        write_text_atomic(log_dir / "run.json", json.dumps(record, indent=2))
     if world > 1:
         torch.distributed.destroy_process_group()
     return best_path

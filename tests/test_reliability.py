@@ -526,7 +526,7 @@ def test_training_killed_then_resumed_to_the_end(tmp_path):
 
     with open(tmp_path / "logs" / "train_log.jsonl", "a") as fh:  # as if killed while writing a log line
         fh.write('{"epoch": 99, "train_lo')
-    (ckpt_dir / "checkpoint_last.pth.tmp").write_bytes(b"PK half a checkpoint")  # as if killed in torch.save
+    (ckpt_dir / ".checkpoint_last.pth.tmp").write_bytes(b"PK half a checkpoint")  # as if killed in torch.save
     resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
     assert resumed.returncode == 0, resumed.stderr[-2000:]
