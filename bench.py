@@ -13,7 +13,9 @@ Every figure is the median of several runs after a warm-up, with min and max. Ro
 - sliding-window inference, inference.predict_logits against MONAI's sliding_window_inference on the same net
   and volume, each run in a fresh process: seconds and peak RSS;
 - predict.py end to end on the CT-sized case: seconds and peak RSS;
-- run_pipeline.py --all with the CPU profile (not with --quick);
+- run_pipeline.py --all with the CPU profile (not with --quick), with its test Dice;
+- peak RSS of one CPU train step of the base-32 net at 128^3, batch 1, decoder checkpointing off and on (not with
+  --quick): the same tensors a GPU would hold in fp32, standing in for the 8 GB goal until a GPU measures it;
 - on CUDA only: train step at 128^3, base 8 and 32, with and without activation checkpointing.
 
 Peak RSS is measured through a small wrapper process (`bench.py --child rss -- CMD`): the kernel copies a
@@ -43,7 +45,7 @@ THREADS = 2  # torch threads for the in-process and child benchmarks (the dev bo
 # The CPU demo's setting (issue #9): what `run_pipeline.py --all` trains on a 2-core CPU. Used for the demo train
 # step, the sliding-window comparison and the random checkpoint of the predict row.
 CPU_DEMO = dict(TARGET_SPACING=(3.0, 3.0, 3.0), PATCH_SIZE=(48, 48, 48), BATCH_SIZE=2, DEPTH=4, BASE_CHANNELS=8)
-TARGETS = dict(speedup=5.0, predict_s=30.0, predict_gb=3.0, mix_pct=60.0, pipeline_s=600.0)
+TARGETS = dict(speedup=5.0, predict_s=30.0, predict_gb=3.0, mix_pct=60.0, pipeline_s=600.0, train_gb=8.0)
 
 # Sizes per mode. model: (base channels, depth or None = config.DEPTH, size, batch), each with a "demo" flag;
 # sw_net: (base, depth) of the sliding-window comparison; demo_ckpt: settings of the random predict checkpoint;
@@ -54,15 +56,15 @@ _CT = dict(case_shape=(512, 512, 300), case_spacing=(0.8, 0.8, 1.5), prep_spacin
            sw_net=(CPU_DEMO["BASE_CHANNELS"], CPU_DEMO["DEPTH"]), demo_ckpt=CPU_DEMO, use_trained=True, peak_conv=32)
 SIZES = {
     "full": dict(_CT, model=[(8, None, 64, 1), (8, None, 128, 1), (32, None, 64, 1)], demo_step=_DEMO_STEP,
-                 repeats=5, prep_repeats=3, predict_repeats=3, pipeline=True),
+                 repeats=5, prep_repeats=3, predict_repeats=3, pipeline=True, train_memory=(32, 128)),
     "quick": dict(_CT, model=[(8, None, 64, 1)], demo_step=_DEMO_STEP,
-                  repeats=3, prep_repeats=1, predict_repeats=1, pipeline=False),
+                  repeats=3, prep_repeats=1, predict_repeats=1, pipeline=False, train_memory=None),
     "smoke": dict(case_shape=(64, 64, 40), case_spacing=(6.0, 6.0, 9.0), prep_spacings=(9.0, 12.0),
                   sw_volume=(40, 40, 24), sw_window=16, sw_net=(4, 3),
                   demo_ckpt=dict(CPU_DEMO, TARGET_SPACING=(12.0,) * 3, PATCH_SIZE=(16,) * 3, DEPTH=3, BASE_CHANNELS=4),
                   use_trained=False, peak_conv=8,
                   model=[(4, 3, 16, 1)], demo_step=(4, 3, 16, 2),
-                  repeats=1, prep_repeats=1, predict_repeats=1, pipeline=False),
+                  repeats=1, prep_repeats=1, predict_repeats=1, pipeline=False, train_memory=(4, 16)),
 }
 BUSY_LOAD = 0.5  # 1-min load average before the run above which the report warns that the machine was busy
 SW_OVERLAP = 0.25  # sliding-window comparison: MONAI's default overlap
@@ -227,8 +229,24 @@ def child_sliding(impl, volume, window, base, depth):
          out_shape=list(out.shape))
 
 
+def child_train_memory(base, size, checkpointing):
+    """One fp32 channels-last train step (as bench_model.train_step_fn) of MultiDecoderUNet at size^3, batch 1,
+    in this fresh process; reports its seconds, the RSS before it and the process's high-water mark after it."""
+    import torch
+    import bench_model
+    from multi_decoder_model import MultiDecoderUNet
+
+    torch.set_num_threads(THREADS)
+    model = MultiDecoderUNet(base_channels=base, depth=config.DEPTH, checkpointing=bool(checkpointing))
+    step = bench_model.train_step_fn(model, size, 1)
+    before = proc_status_mb("VmRSS")
+    t0 = time.perf_counter()
+    step()
+    emit(seconds=time.perf_counter() - t0, rss_before_mb=before, hwm_mb=proc_status_mb("VmHWM"))
+
+
 # --------------------------------------------------------------------------------------------
-# Rows: preprocessing, sliding window, predict, pipeline
+# Rows: preprocessing, sliding window, predict, pipeline, training memory
 # --------------------------------------------------------------------------------------------
 def bench_preprocessing(sizes, work, log, rows):
     """Make the CT-sized case (returned for the predict row), then process_case at each target spacing."""
@@ -363,6 +381,24 @@ def bench_pipeline(work, log, rows):
                  f"cases) {', '.join(f'{o} {d:.3f}' for o, d in dice.items())}",
                  f"<= {TARGETS['pipeline_s']:g} s incl. phantom: "
                  f"{met(total <= TARGETS['pipeline_s'], total - TARGETS['pipeline_s'], 's', 0)}"))
+
+
+def bench_train_memory(sizes, log, rows):
+    """Peak RSS of one CPU train step of the base-32 net at the GPU patch size, with and without decoder
+    checkpointing: the tensors are the ones a GPU would hold (fp32 here), so this stands in for the 8 GB goal
+    until a GPU run measures it."""
+    base, size = sizes["train_memory"]
+    for ckpt in (0, 1):
+        r = measure(child_cmd("train-memory", base, size, ckpt), log, timeout=1800)
+        setting = f"base {base}, depth {config.DEPTH}, {size}^3, batch 1, fp32, decoder checkpointing {'on' if ckpt else 'off'}"
+        if r.get("error"):
+            rows.append(("train step memory, CPU", setting, f"failed: {r['error']}", "", "", ""))
+            continue
+        gb = r["hwm_mb"] / 1024
+        rows.append(("train step memory, CPU (one step in a fresh process)", setting, f"{r['seconds']:.1f}",
+                     f"{gb:.2f} GB peak RSS", f"{r['rss_before_mb'] / 1024:.2f} GB before the step (torch, model, data)",
+                     f"<= {TARGETS['train_gb']:g} GB: {met(gb <= TARGETS['train_gb'], gb - TARGETS['train_gb'], 'GB', 2)} "
+                     "(CPU RSS, not GPU memory)"))
 
 
 def met(ok, gap, unit, digits=1):
@@ -594,6 +630,8 @@ def run_child(args):
         child_make_case(rest[0], tuple(int(v) for v in rest[1].split(",")), tuple(float(v) for v in rest[2].split(",")))
     elif kind == "preprocess":
         child_preprocess(rest[0], rest[1], float(rest[2]))
+    elif kind == "train-memory":
+        child_train_memory(int(rest[0]), int(rest[1]), int(rest[2]))
     elif kind == "sliding":
         child_sliding(rest[0], tuple(int(v) for v in rest[1].split(",")), (int(rest[2]),) * 3, int(rest[3]),
                       int(rest[4]))
@@ -633,6 +671,9 @@ def main(argv=None):
         else:
             rows.append(("run_pipeline.py --all", "CPU profile", f"not run ({mode} mode)", "", "",
                          f"<= {TARGETS['pipeline_s']:g} s incl. phantom: not measured"))
+        if sizes["train_memory"]:
+            print("bench: train step memory", flush=True)
+            bench_train_memory(sizes, log, rows)
         print("bench: train steps", flush=True)
         peak, amp = bench_train_steps(sizes, rows)
         import torch
