@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 import config
-from fileio import write_atomic, write_text_atomic
+import fileio
+from fileio import pyplot as _plt, write_text_atomic
 
 ABSENT_RULE = ("An organ absent from the reference is reported as absent (correctly absent, or a false organ "
                "when the model predicts one), never as Dice 1.0; Dice, HD95 and NSD are averaged over "
@@ -191,19 +192,10 @@ def load_inputs():
 
 # --- Figures ---------------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def save_figure(fig, path):
-    """Write a figure atomically (temp file in the same folder, then rename) and close it."""
+    """Lay out, write atomically and close a figure."""
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, dpi=DPI, format="png"))
-    _plt().close(fig)
-    return Path(path)
+    return fileio.save_figure(fig, path, DPI)
 
 
 def series(log, key, organ=None):

@@ -26,7 +26,7 @@ from nibabel import orientations as nio
 
 import config
 import metrics
-from fileio import save_nifti_atomic, write_atomic, write_text_atomic
+from fileio import pyplot, save_figure, save_nifti_atomic, write_text_atomic
 
 CHECKPOINT_SETTINGS = ("TARGET_SPACING", "PATCH_SIZE", "HU_CLIP")  # taken from the checkpoint, not today's config
 DISPLAY_HU = (-200, 400)  # overlay window (HU)
@@ -198,24 +198,13 @@ def report_markdown(summary, rows, failed, notes, plots, organs):
 # --------------------------------------------------------------------------------------------
 # Plots
 # --------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path):
-    write_atomic(path, lambda f: fig.savefig(f, dpi=110, bbox_inches="tight", format="png"))
-
-
 def _values(rows, organ, name, statuses=("present_detected", "missed")):
     return [r[f"{name}_{organ}"] for r in rows
             if r[f"status_{organ}"] in statuses and r[f"{name}_{organ}"] is not None]
 
 
 def boxplot(rows, organs, name, ylabel, path, title):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(organs), 4))
     data = [_values(rows, o, name) for o in organs]
     rng = np.random.default_rng(0)
@@ -236,12 +225,11 @@ def boxplot(rows, organs, name, ylabel, path, title):
         ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no organ-present case", ha="center", va="center", transform=ax.transAxes)
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def dice_vs_hd95(rows, organs, path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for organ in organs:
         pts = [(r[f"hd95_{organ}"], r[f"dice_{organ}"]) for r in rows if r[f"status_{organ}"] == "present_detected"]
@@ -255,12 +243,11 @@ def dice_vs_hd95(rows, organs, path):
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def volume_agreement(rows, organs, path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     top = 1.0
     markers = {"present_detected": "o", "missed": "v", "false_organ": "^"}
@@ -282,8 +269,7 @@ def volume_agreement(rows, organs, path):
     ax.set_title("Volume agreement per case")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _to_ras(array, affine):
@@ -294,7 +280,7 @@ def _to_ras(array, affine):
 def overlay(ct_img, ref, pred, organ, title, path):
     """Axial, coronal and sagittal slices through the organ (reference centroid, else prediction) with
     reference (green) and predicted (red) contours; radiological convention (patient right on the left)."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     affine = ct_img.affine
@@ -335,8 +321,7 @@ def overlay(ct_img, ref, pred, organ, title, path):
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.11, 1, 0.95))
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9, bbox_to_anchor=(0.5, 0.0))
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def pick_overlay_cases(rows, organ):

@@ -43,3 +43,18 @@ def save_nifti_atomic(img, path, level=NIFTI_GZIP_LEVEL):
                 gz.write(data)
         return write_atomic(path, write)
     return write_atomic(path, lambda f: f.write(data))
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported on first use (keeps start-up fast)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=110):
+    """A matplotlib figure as PNG (surrounding whitespace trimmed), written atomically, then closed."""
+    write_atomic(path, lambda f: fig.savefig(f, dpi=dpi, bbox_inches="tight", format="png"))
+    pyplot().close(fig)
+    return Path(path)
