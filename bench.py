@@ -680,6 +680,8 @@ def main(argv=None):
         if torch.cuda.is_available() and not args.smoke:
             print("bench: GPU train steps", flush=True)
             bench_gpu(rows, sizes["repeats"])
+        elif args.smoke:  # the GPU rows' code path, on the CPU at a tiny size
+            bench_gpu(rows, 1, device="cpu", size=16, bases=(4,))
         if any("failed" in str(row[2]) for row in rows):
             print(f"bench: some runs failed; their output:\n{log.read_text()[-4000:]}", file=sys.stderr)
     text = render(rows, machine(), command, peak, sizes["peak_conv"], amp, mode, time.time() - t0,

@@ -15,6 +15,6 @@ def test_bench_smoke_writes_every_row(tmp_path):
     assert "failed" not in table
     for row in ("preprocessing.process_case", "sliding window, ours", "MONAI sliding_window_inference",
                 "predict.py end to end", "train step memory, CPU", "train step, ours", "ReferenceNet",
-                "forward (eval, no grad), ours", "run_pipeline.py --all"):
+                "forward (eval, no grad), ours", "run_pipeline.py --all", "GPU train step"):
         assert f"| {row}" in table or row in table, row
     assert "SMOKE" in table.splitlines()[0]  # tiny-size numbers are labelled as meaningless
