@@ -44,7 +44,8 @@ REPO = Path(__file__).resolve().parent
 THREADS = 2  # torch threads for the in-process and child benchmarks (the dev box and CI have 2 cores)
 # The CPU demo's setting (issue #9): what `run_pipeline.py --all` trains on a 2-core CPU. Used for the demo train
 # step, the sliding-window comparison and the random checkpoint of the predict row.
-CPU_DEMO = dict(TARGET_SPACING=(3.0, 3.0, 3.0), PATCH_SIZE=(48, 48, 48), BATCH_SIZE=2, DEPTH=4, BASE_CHANNELS=8)
+CPU_DEMO = dict(TARGET_SPACING=(3.0, 3.0, 3.0), PATCH_SIZE=(48, 48, 48), BATCH_SIZE=2, DEPTH=4, BASE_CHANNELS=8,
+                ATTENTION=False)
 TARGETS = dict(speedup=5.0, predict_s=30.0, predict_gb=3.0, mix_pct=60.0, pipeline_s=600.0, train_gb=8.0)
 
 # Sizes per mode. model: (base channels, depth or None = config.DEPTH, size, batch), each with a "demo" flag;
@@ -320,7 +321,7 @@ def random_checkpoint(path, demo):
     settings.update({k: list(v) if isinstance(v, tuple) else v for k, v in {**config.PROFILES["cpu"], **demo}.items()})
     torch.manual_seed(config.SEED)
     model = MultiDecoderUNet(organs=config.ORGANS, base_channels=demo["BASE_CHANNELS"], depth=demo["DEPTH"],
-                             attention=config.ATTENTION)
+                             attention=demo["ATTENTION"])
     optimizer = train.make_optimizer(model)
     ckpt = {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
             "scheduler": train.make_scheduler(optimizer).state_dict(),
@@ -491,7 +492,7 @@ def bench_train_steps(sizes, rows):
     cases = [(base, depth or config.DEPTH, size, batch, False) for base, depth, size, batch in sizes["model"]]
     cases.append((*sizes["demo_step"], True))
     for base, depth, size, batch, demo in cases:
-        ours = MultiDecoderUNet(base_channels=base, depth=depth)
+        ours = MultiDecoderUNet(base_channels=base, depth=depth, attention=CPU_DEMO["ATTENTION"] if demo else True)
         ref = bench_model.ReferenceNet(base_channels=base, depth=depth)
         gflop = bench_model.count_step_gflops(ours, size, batch), bench_model.count_step_gflops(ref, size, batch)
         reps = sizes["repeats"] if size <= 64 else max(2, sizes["repeats"] // 2)
@@ -504,7 +505,7 @@ def bench_train_steps(sizes, rows):
         rate = gflop[0] / med_ours
         mix_pct = 100 * conv_gflop / med_ours / mix
         speedup = med_ref / med_ours
-        setting = f"base {base}, depth {depth}, {size}^3, batch {batch}" + (" (CPU demo)" if demo else "")
+        setting = f"base {base}, depth {depth}, {size}^3, batch {batch}" + (" (CPU demo, attention off)" if demo else "")
         rows.append((f"train step, ours ({ours_kind} channels-last)", setting, fmt_spread(t_ours, 3), "",
                      f"{batch / med_ours:.2f} patches/s; {gflop[0]:.1f} GFLOP/step, {rate:.1f} GFLOP/s = "
                      f"{100 * rate / peak:.0f} % of the single-conv peak, {mix_pct:.0f} % of the layer-mix ceiling "
