@@ -1,15 +1,10 @@
-"""Train-step speed of MultiDecoderUNet vs a straightforward fp32 reference of the same design (2 CPU threads).
+"""The reference network and the timing closures behind bench.py's train-step rows (run `python bench.py`).
 
-Usage:
-    python bench_model.py            # 64^3 and 128^3 at base 8, 64^3 at base 32
-    python bench_model.py --quick    # 64^3 only (base 8 and 32)
-
-A train step = forward + loss + backward + AdamW step, batch 1. Median (min-max) of several runs after warm-up.
-GFLOPs/step are counted with torch.utils.flop_counter (forward + backward). Importable helpers for bench.py:
-time_train_step(), count_step_gflops(), conv_ceiling_gflops(), ReferenceNet.
+ReferenceNet is a straightforward fp32 implementation of the same design (BatchNorm + ReLU blocks, transposed
+convs, three separate decoders, 1x1x1-conv cross attention at full resolution, sigmoid heads). train_step_fn /
+forward_fn build closures that run one train step (forward + loss + backward + AdamW) or one inference forward
+on random data; count_step_gflops and conv_ceiling_gflops give the FLOPs and the machine's conv peak.
 """
-import argparse
-import statistics
 import time
 
 import torch
@@ -17,8 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import config
-from multi_decoder_model import MultiDecoderUNet, count_parameters, level_widths
+from multi_decoder_model import level_widths
 
 THREADS = 2  # CPU threads, as on the dev box and CI
 
@@ -153,20 +147,6 @@ def forward_fn(model, size, batch=1, amp=False, channels_last=True):
     return forward
 
 
-def time_train_step(model, size, batch=1, amp=False, channels_last=True, repeats=5, warmup=1):
-    """Seconds per train step: (median, min, max) over `repeats` after `warmup` steps; 2 threads."""
-    torch.set_num_threads(THREADS)
-    step = train_step_fn(model, size, batch, amp, channels_last)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
-
-
 def count_step_gflops(model, size, batch=1):
     """GFLOPs of one train step = 3 x forward FLOPs (backward ~ 2 x forward), forward counted by
     torch.utils.flop_counter (convs, matmuls; norms and elementwise ops not counted). The counter's own
@@ -196,82 +176,3 @@ def conv_ceiling_gflops(size=32, cin=32, cout=32, amp=False, channels_last=True,
             conv(x)
             times.append(time.perf_counter() - t0)
     return flops / min(times) / 1e9
-
-
-def saved_activation_bytes(model, size, batch=1, amp=False):
-    """Bytes of tensors autograd keeps for backward in one forward (deduplicated by storage)."""
-    if isinstance(size, int):
-        size = (size,) * 3
-    model.train()
-    x, target = _batch(model, size, batch, False)
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out = model(x)
-        loss = _loss(model, out, target)
-    del loss, out
-    return sum(seen.values())
-
-
-def estimate_training_memory_gb(model, size=128, probe=32, amp=False):
-    """ESTIMATE (no GPU here) of training memory at batch 1, `size`^3: bytes autograd saves, counted at
-    probe^3 and (probe/2)^3 and fitted as fixed + per-voxel (saved weight copies such as the grouped decoders'
-    concatenated weights do not grow with the patch, activations grow linearly), plus fp32 weights, grads
-    and two AdamW moments (16 bytes/parameter). Ignores allocator slack, activation gradients alive during
-    backward and cuDNN workspaces (add ~20-30 %). Returns (total GB, activations GB)."""
-    big, small = saved_activation_bytes(model, probe, amp=amp), saved_activation_bytes(model, probe // 2, amp=amp)
-    per_voxel = (big - small) / (probe ** 3 - (probe // 2) ** 3)
-    act = small + per_voxel * (size ** 3 - (probe // 2) ** 3)
-    return (act + 16 * count_parameters(model)) / 2 ** 30, act / 2 ** 30
-
-
-def bench_rows(cases, repeats=5):
-    """[(label, params, gflops, (med, lo, hi))] for each (label, model factory, size, amp, channels_last)."""
-    rows = []
-    for label, make, size, amp, cl in cases:
-        model = make()
-        gflops = count_step_gflops(model, size)
-        reps = repeats if size <= 64 else max(2, repeats // 2)
-        rows.append((label, size, count_parameters(model), gflops, time_train_step(model, size, 1, amp, cl, reps)))
-        print(f"  measured {label} @ {size}^3: {rows[-1][-1][0]:.3f} s", flush=True)
-    return rows
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64^3 only")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
-    depth = config.DEPTH
-    ours = lambda base: (lambda: MultiDecoderUNet(base_channels=base, depth=depth))  # noqa: E731
-    ref = lambda base: (lambda: ReferenceNet(base_channels=base, depth=depth))  # noqa: E731
-    configs = [(8, 64)] + ([] if args.quick else [(8, 128)]) + [(32, 64)]
-    ceiling = conv_ceiling_gflops()
-    ceiling_bf16 = conv_ceiling_gflops(size=16, amp=True, repeats=1)
-    print(f"conv ceiling (3x3x3 32->32 @ 32^3, channels-last): fp32 {ceiling:.1f} GFLOP/s, bf16 {ceiling_bf16:.2f} GFLOP/s")
-    # fp32 only: bf16 convs on an AVX2 CPU take minutes; measured once, bf16 autocast halves the activations
-    # (19.3 -> 9.9 GB without checkpointing)
-    for ckpt in (False, True):
-        model = MultiDecoderUNet(base_channels=32, depth=depth, checkpointing=ckpt)
-        total, act = estimate_training_memory_gb(model, 128, 32)
-        print(f"ESTIMATE base 32 @ 128^3 batch 1 fp32 training memory, checkpointing={ckpt}: "
-              f"{total:.1f} GB ({act:.1f} GB saved activations, scaled from 32^3)", flush=True)
-    print(f"{'net':<34}{'size':>6}{'params':>12}{'GFLOP/step':>12}{'step s (min-max)':>24}{'GFLOP/s':>9}{'% ceil':>8}{'speedup':>9}")
-    for base, size in configs:
-        rows = bench_rows([(f"ours base {base} fp32 channels-last", ours(base), size, False, True),
-                           (f"reference base {base} fp32", ref(base), size, False, False)], args.repeats)
-        ref_time = rows[1][-1][0]
-        for label, sz, params, gflops, (med, lo, hi) in rows:
-            rate = gflops / med
-            print(f"{label:<34}{sz:>5}^3{params:>12,}{gflops:>12.1f}{f'{med:.3f} ({lo:.3f}-{hi:.3f})':>24}"
-                  f"{rate:>9.1f}{100 * rate / ceiling:>7.0f}%{ref_time / med:>8.2f}x", flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,7 @@ Shape legend: B batch, C channels, X Y Z spatial axes in canonical RAS order [x,
 Output: raw logits (B, K, X, Y, Z). Background has an implicit logit 0 (see CONTRACT: softmax over
 [0, l_1..l_K]), so organs are mutually exclusive downstream without a background head.
 
-Design notes (measured on the 2-core AMD EPYC AVX2 dev box, fp32, see bench_model.py):
+Design notes (measured on the 2-core AMD EPYC AVX2 dev box, fp32, see bench.py):
 - channels-last-3D fp32 Conv3d runs ~1.7x faster than contiguous; bf16 autocast Conv3d on this CPU
   (no AVX512-BF16/AMX) runs at ~0.2 GFLOP/s, i.e. 100x SLOWER, so bf16 is supported but not the fast path here.
 - GroupNorm in channels-last is ~3x faster than BatchNorm3d and ~5x faster than InstanceNorm on contiguous

@@ -417,6 +417,8 @@ def train(resume=False, show_progress=None, stop_after=None):
         start_epoch, best = ckpt["epoch"], ckpt["best"]
         if main_rank:
             print(f"resuming from {last_path} after epoch {start_epoch}")
+    if not model.attention:  # switched off: its weights get no gradient, which DDP would take for an error
+        model.cross_attention.requires_grad_(False)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
