@@ -262,7 +262,8 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     except (TypeError, RuntimeError) as exc:
         lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip()]
         first = lines[1 if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else 0][:200]  # the cause
-        raise ValueError(f"{path}: weights do not fit this architecture ({first})") from None
+        raise ValueError(f"{path}: weights do not fit this architecture; a checkpoint from another version of "
+                         f"multi_decoder_model.py has to be retrained ({first})") from None
     return model
 
 
