@@ -42,10 +42,10 @@ from fileio import write_text_atomic
 
 REPO = Path(__file__).resolve().parent
 THREADS = 2  # torch threads for the in-process and child benchmarks (the dev box and CI have 2 cores)
-# The CPU demo's setting (issue #9): what `run_pipeline.py --all` trains on a 2-core CPU. Used for the demo train
-# step, the sliding-window comparison and the random checkpoint of the predict row.
-CPU_DEMO = dict(TARGET_SPACING=(3.0, 3.0, 3.0), PATCH_SIZE=(48, 48, 48), BATCH_SIZE=2, DEPTH=4, BASE_CHANNELS=8,
-                ATTENTION=False)
+# The CPU demo's setting: what `run_pipeline.py --all` trains on a 2-core CPU, read from config.py's cpu profile.
+# Used for the demo train step, the sliding-window comparison and the random checkpoint of the predict row.
+CPU_DEMO = dict({name: config.PROFILES["cpu"][name] for name in ("TARGET_SPACING", "PATCH_SIZE", "BATCH_SIZE", "DEPTH",
+                                                                  "ATTENTION")}, BASE_CHANNELS=config.BASE_CHANNELS)
 TARGETS = dict(speedup=5.0, predict_s=30.0, predict_gb=3.0, mix_pct=60.0, pipeline_s=600.0, train_gb=8.0)
 
 # Sizes per mode. model: (base channels, depth or None = config.DEPTH, size, batch), each with a "demo" flag;
@@ -505,7 +505,7 @@ def bench_train_steps(sizes, rows):
         rate = gflop[0] / med_ours
         mix_pct = 100 * conv_gflop / med_ours / mix
         speedup = med_ref / med_ours
-        setting = f"base {base}, depth {depth}, {size}^3, batch {batch}" + (" (CPU demo, attention off)" if demo else "")
+        setting = f"base {base}, depth {depth}, {size}^3, batch {batch}" + (f" (CPU demo, attention {'on' if CPU_DEMO['ATTENTION'] else 'off'})" if demo else "")
         rows.append((f"train step, ours ({ours_kind} channels-last)", setting, fmt_spread(t_ours, 3), "",
                      f"{batch / med_ours:.2f} patches/s; {gflop[0]:.1f} GFLOP/step, {rate:.1f} GFLOP/s = "
                      f"{100 * rate / peak:.0f} % of the single-conv peak, {mix_pct:.0f} % of the layer-mix ceiling "
@@ -567,17 +567,6 @@ def bench_gpu(rows, repeats, device="cuda", size=128, bases=(8, 32)):
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
-def demo_mismatch():
-    """CPU_DEMO settings that config.py's CPU profile does not give (so that the report says so)."""
-    profile = config.PROFILES.get("cpu", {})
-    diff = []
-    for name, value in CPU_DEMO.items():
-        current = profile.get(name, getattr(config, name))
-        if (tuple(current) != tuple(value)) if isinstance(value, tuple) else (current != value):
-            diff.append(f"{name}={current}")
-    return diff
-
-
 def render(rows, info, command, peak, peak_size, amp, mode, elapsed, loads):
     header = ("| benchmark | setting | seconds, median (min-max) | peak memory | derived | target |\n"
               "|---|---|---|---|---|---|")
@@ -585,7 +574,6 @@ def render(rows, info, command, peak, peak_size, amp, mode, elapsed, loads):
     bf16 = ("native bf16 kernels (cpu_bf16_fast() is True): our net runs bf16 autocast" if amp else
             "NO native bf16 (no AVX512-BF16 / AMX): bf16 autocast is emulated and ~100x slower, so our net runs "
             "fp32 channels-last on this CPU (inference.amp_dtype / cpu_bf16_fast decide)")
-    mismatch = demo_mismatch()
     notes = [
         f"- Machine: {info['cpu']}, {info['cores']} cores, ISA {', '.join(info['isa']) or 'unknown'}; {bf16}. "
         f"torch {info['torch']}, Python {info['python']}, torch threads {THREADS}"
@@ -616,9 +604,6 @@ def render(rows, info, command, peak, peak_size, amp, mode, elapsed, loads):
     notes.append("- Targets NOT met: " + "; ".join(unmet) if unmet else "- Every measured target is met.")
     if failed:
         notes.append("- Failed runs: " + "; ".join(failed) + " (their output went to stderr).")
-    if mismatch:
-        notes.append(f"- CPU demo setting used here: {', '.join(f'{k}={v}' for k, v in CPU_DEMO.items())}; config.py's "
-                     f"CPU profile currently gives {', '.join(mismatch)}.")
     title = "# Benchmarks" + (" (SMOKE: tiny sizes, numbers mean nothing)" if mode == "smoke" else "")
     return f"{title}\n\n{table}\n\n" + "\n".join(notes) + "\n"
 
