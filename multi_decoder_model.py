@@ -26,9 +26,9 @@ Design notes (measured on the 2-core AMD EPYC AVX2 dev box, fp32, see bench.py):
   Full resolution holds 7/8 of the voxels, so that is where FLOPs are saved: the finest decoder level is
   pointwise (FineLevel: no 3x3x3 conv), level 1 has one 3x3x3 conv, coarser levels a residual pair (cheap,
   most parameters). Cross-decoder attention runs at the two coarsest decoder levels only.
-  Train step at 64^3, base 8, depth 5, 2 threads: ~0.67 s with a 3x3x3 conv + norm in every organ's finest
-  level, a residual encoder stem and attention at levels 1..3 -> 0.36 s with this layout (bench.py has the
-  ratio to the reference).
+  Train step at 64^3, base 8, depth 5, 2 threads (`python bench.py`): 0.72 s with a 3x3x3 conv + norm in every
+  organ's finest level, a residual encoder stem and attention at levels 1..3 (~0.05 s of it the benchmark's own
+  target argmax, since removed) -> 0.415 s with this layout, 5.5x the reference.
 """
 import math
 from functools import partial
