@@ -64,6 +64,11 @@ def _pydicom(path):
     return pydicom
 
 
+def require_pydicom(what="DICOM input"):
+    """DicomError with the install hint when pydicom is missing (for callers that want to fail early)."""
+    _pydicom(what)
+
+
 def _line(exc):
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:120] if text else 'no detail'}"
@@ -378,19 +383,20 @@ def _slice_hu(path):
     return pixels.astype(np.float64) * slope + intercept
 
 
-def read_ct_series(folder, series_uid=None, verbose=False):
+def read_ct_series(folder, series_uid=None, verbose=False, scan=None):
     """Read a folder holding one CT series (other files allowed) -> (nibabel.Nifti1Image, SeriesInfo).
 
     The image is int16 HU, reoriented to the closest canonical RAS axes (indexed [x, y, z], affine in RAS mm).
     Non-CT files (RTSTRUCT, RTDOSE, RTPLAN, ...) are ignored and localizer images dropped, with a note; with
     several CT series pass series_uid (DicomError lists them otherwise). Notes are in info.notes and
-    img.extra["warnings"]; verbose=True prints which series was taken in one line.
+    img.extra["warnings"]; verbose=True prints which series was taken in one line. scan: a scan_folder()
+    result for this folder, to skip reading the headers twice.
     Refused (DicomError, one line naming the folder or file): unreadable file, no CT, two CT series, mixed
     sizes/orientations, non-orthogonal orientation, gantry tilt, missing slice (uneven spacing), one slice.
     """
     import nibabel as nib
     folder = Path(folder)
-    scan = scan_folder(folder)
+    scan = scan if scan is not None else scan_folder(folder)
     uid, items = choose_ct_series(scan, folder, series_uid)
     notes = list(scan["notes"])
     ignored = [f"{n} {m}" for m, n in sorted(scan["other"].items())]
