@@ -126,8 +126,8 @@ def _read_header(path):
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=not _has_dicm_magic(path))
     except Exception as exc:  # pydicom raises many types for garbage and truncation
         raise DicomError(path, f"unreadable DICOM file ({_line(exc)})") from None
-    if "SOPClassUID" not in ds and "Modality" not in ds and getattr(ds, "file_meta", None) is None:
-        raise DicomError(path, "not a DICOM file")
+    if not _uid(ds, "SOPClassUID", "MediaStorageSOPClassUID") and "Modality" not in ds:
+        raise DicomError(path, "unreadable DICOM file (no SOP Class UID or Modality: truncated, or not DICOM)")
     return ds
 
 
@@ -612,7 +612,7 @@ def read_rtstruct(path):
     if modality != "RTSTRUCT" and _uid(ds, "SOPClassUID", "MediaStorageSOPClassUID") != RTSTRUCT_STORAGE:
         raise DicomError(path, f"not an RT Structure Set (Modality {modality or 'missing'})")
     if "StructureSetROISequence" not in ds:
-        raise DicomError(path, "RTSTRUCT without StructureSetROISequence")
+        raise DicomError(path, "RTSTRUCT without StructureSetROISequence (truncated file?)")
     notes, fors, series = [], [], []
     for ref in ds.get("ReferencedFrameOfReferenceSequence", []):
         fors.append(_uid(ref, "FrameOfReferenceUID"))
