@@ -203,6 +203,9 @@ def test_folder_with_rtstruct_and_localizer_picks_the_ct_series(tmp_path):
     assert img2.shape == (13, 11, 7) and info2.sop_instance_uids == info.sop_instance_uids
     text = " ".join(info2.notes)
     assert "localizer" in text and "RTSTRUCT" in text and "non-DICOM" in text
+    write_slices(tmp_path / "p", test_volume((13, 11, 1)), seed=6, iop=SAGITTAL)  # an unflagged scout series
+    img3, info3 = dicom_io.read_ct_series(tmp_path / "p")
+    assert info3.sop_instance_uids == info.sop_instance_uids and "single-image CT series" in " ".join(info3.notes)
     assert dicom_io.is_dicom_series(tmp_path / "p") and not dicom_io.is_dicom_series(tmp_path / "p" / "RS.dcm")
 
 
@@ -361,11 +364,12 @@ def test_rasterise_refuses_contour_between_slices_and_foreign_frame_of_reference
 def test_real_eclipse_structure_set_volumes_within_3_percent_of_eclipse_and_slicer():
     rs = dicom_io.read_rtstruct(ECLIPSE / "RS.dcm")
     grid = dicom_io.contour_grid(rs.rois, pixel_mm=1.0)  # contours' extent, 1 mm in-plane, a slice per plane
-    voxel_cc = float(np.prod(np.linalg.norm(grid.affine[:3, :3], axis=0))) / 1000.0
+    assert np.allclose(np.linalg.norm(grid.affine[:3, :3], axis=0), [1.0, 1.0, 2.5])
+    volumes = dicom_io.roi_volumes(rs, pixel_mm=1.0)  # rasterised on that grid
     with open(ECLIPSE / "reference_volumes.csv") as f:
         reference = {r["structure"]: (float(r["eclipse_cc"]), float(r["slicerrt_cc"])) for r in csv.DictReader(f)}
     for name in ("Bladder", "Rectum", "Femoral Head Lt", "Femoral Head RT", "BODY"):
-        cc = dicom_io.rasterise(rs.roi(name), grid).sum() * voxel_cc
+        cc = volumes[name]
         for ref in reference[name]:
             assert abs(cc / ref - 1) < 0.03, (name, cc, reference[name])
     empty = {r.name for r in rs.rois if r.empty}
