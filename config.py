@@ -56,7 +56,8 @@ HELDOUT_DATA_ROOT = OUTPUT_ROOT / "data_heldout"  # phantoms of the held-out "oo
 HELDOUT_CASES = 12  # written once by run_pipeline's eval stage; 0 skips the check
 HELDOUT_SEED = 1000  # never the training phantom's seed
 EMPTY_CTS = tuple(str(p) for p in (REPO.parent / "shared" / "realdata" / name for name in (
-    "aorta_ct_cropped.nii.gz", "pulm_ct_cropped.nii.gz")) if p.is_file())  # real chest CTs: nothing to find
+    "aorta_ct_cropped.nii.gz", "pulm_ct_cropped.nii.gz", "ct_dicom_thorax")) if p.exists())  # real chest CTs
+# (two NIfTI, one DICOM series): nothing pelvic to find, so any predicted voxel is a false organ
 
 # --- Preprocessing --------------------------------------------------------------------------
 TARGET_SPACING = (1.5, 1.5, 1.5)  # mm, [x, y, z]; set by the profile
