@@ -391,7 +391,8 @@ def organ_volume_bounds(case_ids):
     for organ in config.ORGANS:
         vols = []
         for cid in case_ids:
-            meta = json.loads((Path(config.PROCESSED_DIR) / "cases" / cid / "meta.json").read_text())
+            path = Path(config.PROCESSED_DIR) / "cases" / cid / "meta.json"
+            meta = json.loads(path.read_text()) if path.is_file() else {}  # hand-made arrays: no evidence
             entry = (meta.get("organs") or {}).get(organ) or {}
             if entry.get("present") and not entry.get("touches_fov_edge"):
                 vols.append(float(entry["ml"]))
