@@ -110,14 +110,14 @@ def predict_files(paths, out_dir, checkpoint=None, show_progress=None):
 
     Bad checkpoints and an unwritable out_dir raise (nothing could be done); a bad input file only fails itself.
     """
-    import evaluate
+    import inference
     import preprocessing
     from tqdm import tqdm
 
     out_dir = check_writable(out_dir)
-    device = evaluate.pick_device()
-    model, ckpt, _ = evaluate.load_model(checkpoint, device)
-    evaluate.use_checkpoint_settings(ckpt)
+    device = inference.pick_device()
+    model, ckpt, _ = inference.load_model(checkpoint, device)
+    inference.use_checkpoint_settings(ckpt)
     organs = tuple(ckpt["model_config"].get("organs", config.ORGANS))
     files = collect_inputs(paths)
     done, failed, seen = [], [], {}
@@ -131,7 +131,7 @@ def predict_files(paths, out_dir, checkpoint=None, show_progress=None):
             if name in seen:
                 raise preprocessing.CaseError(path, f"case name {name!r} already used by {seen[name]}")
             ct = preprocessing.load_ct(path)  # checks the file; one-line CaseError otherwise
-            labels = evaluate.predict_case(model, ct, device)
+            labels = inference.predict_case(model, ct, device)
             original = nib.load(str(path))  # header with the file's own qform/sform
             case_dir = out_dir / name
             volumes = write_outputs(labels, original, case_dir, organs)

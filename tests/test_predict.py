@@ -1,4 +1,4 @@
-"""predict.py (and evaluate.py's checkpoint handling): outputs keep the input's geometry; bad inputs fail alone."""
+"""predict.py (and inference.py's checkpoint handling): outputs keep the input's geometry; bad inputs fail alone."""
 import json
 import sys
 import types
@@ -99,14 +99,14 @@ def test_outputs_keep_input_geometry(tmp_path, tiny_checkpoint):
 
 def test_labels_come_back_in_the_input_orientation(tmp_path, tiny_checkpoint, monkeypatch):
     """A predictor that marks one world-space corner must land on the same voxels whatever the storage order."""
-    import evaluate
+    import inference
     import predict
 
     def fake_predict_case(model, ct_img, device):  # label 2 where the world x coordinate (RAS) is largest
         world_x = nib.affines.apply_affine(ct_img.affine, np.indices(ct_img.shape).reshape(3, -1).T)[:, 0]
         return (world_x.reshape(ct_img.shape) > world_x.max() - 1).astype(np.uint8) * 2
 
-    monkeypatch.setattr(evaluate, "predict_case", fake_predict_case)
+    monkeypatch.setattr(inference, "predict_case", fake_predict_case)
     for code in ("RAS", "LAS"):
         src = write_ct(tmp_path / f"{code}.nii.gz", code)
         predict.predict_files([src], tmp_path / "out", tiny_checkpoint)
@@ -131,10 +131,27 @@ def test_unwritable_output_and_bad_checkpoint(tmp_path, tiny_checkpoint):
 
 
 def test_checkpoint_settings_win(tiny_checkpoint, capsys):
-    import evaluate
+    import inference
 
     config.PATCH_SIZE = (64, 64, 64)
     ckpt = torch.load(tiny_checkpoint, weights_only=False)
-    changed = evaluate.use_checkpoint_settings(ckpt)
+    changed = inference.use_checkpoint_settings(ckpt)
     assert config.PATCH_SIZE == (16, 16, 16) and config.TARGET_SPACING == (4.0, 4.0, 4.0)
     assert "PATCH_SIZE" in changed and "PATCH_SIZE" in capsys.readouterr().out
+
+
+def test_predict_needs_neither_evaluate_nor_train():
+    """Checkpoint -> model and CT -> labels live in inference.py: prediction does not depend on evaluation."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for name in ("predict.py", "inference.py", "evaluate.py"):
+        imported = set()
+        for node in ast.walk(ast.parse((root / name).read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module)
+        banned = {"evaluate", "train"} if name != "evaluate.py" else {"train"}
+        assert not imported & banned, (name, imported & banned)
