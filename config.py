@@ -19,6 +19,23 @@ ORGANS = ("prostate", "bladder", "rectum")  # model channel order, decoder keys,
 EXTRA_MASKS = ("femur_left", "femur_right")  # read when present, never segmented
 LABEL_VALUES = {"bladder": 12, "prostate": 24, "rectum": 25, "femur_left": 17, "femur_right": 18}  # combined_labels.nii.gz
 
+# --- DICOM: ROI names, synonyms and geometry tolerances (dicom_io.py, convert_dicom.py) ------
+ROI_NAMES = {"prostate": "Prostate", "bladder": "Bladder", "rectum": "Rectum",
+             "femur_left": "Femur_Head_L", "femur_right": "Femur_Head_R"}  # TG-263 name of each organ's ROI
+# ROI names read as each organ: compared case-insensitively with runs of spaces, '_' and '-' made one '_';
+# exact matches only (no substrings), so optimisation structures such as 'optBladder' are never taken.
+ROI_SYNONYMS = {
+    "prostate": ("Prostate", "PROS", "prostate_gland", "Prostata", "ProstateGland"),
+    "bladder": ("Bladder", "Blase", "Harnblase", "UrinaryBladder", "Urinary_Bladder", "Vessie"),
+    "rectum": ("Rectum", "Rektum", "Rectum_Outer", "Recto"),
+    "femur_left": ("Femur_Head_L", "Femoral Head Lt", "Femoral_Head_L", "FemoralHead_L", "Femur_L",
+                   "Hip_L", "Femoral Head Left"),
+    "femur_right": ("Femur_Head_R", "Femoral Head RT", "Femoral_Head_R", "FemoralHead_R", "Femur_R",
+                    "Hip_R", "Femoral Head Right"),
+}  # TG-263 name first
+DICOM_SLICE_GAP_TOL = 0.01  # a gap between CT slice positions may differ from the median gap by this fraction
+DICOM_CONTOUR_PLANE_TOL_MM = 0.1  # a contour lies on a slice when its plane is within this distance (mm)
+
 # --- Folders (environment variables only for these machine-specific paths) -----------------
 DEFAULT_DATA_ROOT = REPO / "data"  # where the phantom is written when no real data is given
 DATA_ROOT = Path(os.environ.get("PELVIS_DATA_ROOT", DEFAULT_DATA_ROOT))  # BDMAP_* case folders
