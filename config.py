@@ -86,6 +86,14 @@ TTA_MIRROR = False  # average over left-right mirroring
 LARGEST_COMPONENT = "auto"  # largest connected component per organ: "on", "off", or "auto" = decided on the
                             # validation split during training and stored in the checkpoint
 
+# --- DICOM export ---------------------------------------------------------------------------
+ROI_COLOURS = {"prostate": (255, 128, 0), "bladder": (255, 255, 0), "rectum": (139, 69, 19)}  # RTSTRUCT ROIDisplayColor, RGB
+SEG_CATEGORY = ("91723000", "SCT", "Anatomical Structure")  # DICOM-SEG segmented property category (DICOM CID 7150)
+SEG_CODES = {"prostate": ("41216001", "SCT", "Prostate"), "bladder": ("89837001", "SCT", "Urinary bladder"),
+             "rectum": ("34402009", "SCT", "Rectum")}  # DICOM-SEG segmented property type of each organ (SNOMED CT)
+SEG_ALGORITHM_FAMILY = ("123110", "DCM", "Artificial Intelligence")  # DICOM-SEG algorithm family (DICOM CID 7162)
+ROUNDTRIP_MIN_DICE = 0.95  # an RTSTRUCT read back below this Dice against the mask written is a warning
+
 # --- Device profiles: applied before command-line overrides ---------------------------------
 PROFILE = "auto"  # "auto" (gpu if CUDA else cpu), "cpu" or "gpu"
 PROFILES = {
