@@ -18,6 +18,7 @@ gets back exactly the mask that was written. No contour has fewer than 4 points 
 ContourData number is a decimal string of at most 16 characters (Eclipse refuses longer, rt-utils #80).
 pydicom, highdicom and contourpy are imported only when a DICOM file is written (requirements-dicom.txt).
 """
+import copy
 import datetime
 import warnings
 from pathlib import Path
@@ -33,6 +34,8 @@ GRID_TOLERANCE = 0.01  # voxels: a slice pixel must land this close to a voxel c
 CONTOUR_DECIMALS = 4  # mm; "-12345.6789" is 11 characters, far below DICOM's 16 for a DS value
 EDGE_EPS = 0.1  # pixels; contour samples sit this far inside each pixel edge (any value in (0, 0.25) works)
 SOFTWARE = "pelvic-organ-seg predict.py"
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "StudyID", "AccessionNumber", "ReferringPhysicianName")  # must be present, may be empty
 
 
 class ExportError(ValueError):
@@ -195,8 +198,7 @@ def _base_dataset(series_info, modality, sop_class, series_description):
     for keyword in dicom_io.PATIENT_STUDY_KEYWORDS:  # the CT's patient and study, so that they file together
         if patient.get(keyword) and keyword not in ("Manufacturer", "PatientPosition"):
             setattr(ds, keyword, patient[keyword])
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                    "StudyID", "AccessionNumber", "ReferringPhysicianName"):  # type 2: present, may be empty
+    for keyword in TYPE2_PATIENT_STUDY:  # type 2: present, may be empty
         if keyword not in ds:
             setattr(ds, keyword, "")
     ds.Modality = modality
@@ -375,6 +377,11 @@ def build_seg(masks, ref_img, series_info):
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
         tracking_uid=generate_uid(), tracking_id=f"{organ} (automatic)")
         for k, organ in enumerate(organs, start=1)]
+    first = copy.deepcopy(headers[0])  # highdicom copies patient and study from the first source image
+    for keyword in TYPE2_PATIENT_STUDY:  # type 2: present, may be empty; exports often leave them out
+        if keyword not in first:
+            setattr(first, keyword, "")
+    headers = [first] + headers[1:]
     with warnings.catch_warnings():  # a one-word PatientName (e.g. from a NIfTI file name) is fine here
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
         seg = _segmentation(hd, headers, pixels, segments)
