@@ -716,7 +716,7 @@ def rasterise(contours, ref_img, frame_of_reference_uid=None, name=None):
         raise DicomError(source, f"{label}Frame of Reference UID {roi_for} does not match the CT series' "
                                  f"{frame_of_reference_uid}")
     polys = [np.asarray(c, dtype=np.float64).reshape(-1, 3) for c in getattr(contours, "contours", contours)]
-    polys = [p for p in polys if len(p)]
+    polys = [p for p in polys if len(p) >= 3]  # 1-2 points (tiny edge islands, rt-utils #87) enclose nothing
     shape = tuple(int(s) for s in ref_img.shape[:3])
     mask = np.zeros(shape, dtype=np.uint8)
     if not polys:
@@ -726,8 +726,11 @@ def rasterise(contours, ref_img, frame_of_reference_uid=None, name=None):
     index = [p @ to_index[:3, :3].T + to_index[:3, 3] for p in polys]
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     spread = np.array([(ix.max(axis=0) - ix.min(axis=0)) * spacing for ix in index])  # mm, per contour, axis
-    axis = int(np.argmin(spread.max(axis=0)))  # the slice axis: the one along which every contour is flat
     tol = float(config.DICOM_CONTOUR_PLANE_TOL_MM)
+    area = np.sort(spread, axis=1)[:, 1] > tol  # contours that span an area (not all points on one line)
+    if not area.any():
+        return mask
+    axis = int(np.argmin(spread[area].max(axis=0)))  # the slice axis: the one along which every contour is flat
     by_slice = {}
     for ix, p, s in zip(index, polys, spread):
         centre = float(ix[:, axis].mean())
