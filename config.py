@@ -87,7 +87,8 @@ LARGEST_COMPONENT = "auto"  # largest connected component per organ: "on", "off"
                             # validation split during training and stored in the checkpoint
 
 # --- DICOM export ---------------------------------------------------------------------------
-ROI_COLOURS = {"prostate": (255, 128, 0), "bladder": (255, 255, 0), "rectum": (139, 69, 19)}  # RTSTRUCT ROIDisplayColor, RGB
+ROI_COLOURS = {"prostate": (255, 128, 0), "bladder": (255, 255, 0), "rectum": (139, 69, 19),
+               "femur_left": (0, 200, 0), "femur_right": (0, 160, 255)}  # RTSTRUCT ROIDisplayColor, RGB
 SEG_CATEGORY = ("91723000", "SCT", "Anatomical Structure")  # DICOM-SEG segmented property category (DICOM CID 7150)
 SEG_CODES = {"prostate": ("41216001", "SCT", "Prostate"), "bladder": ("89837001", "SCT", "Urinary bladder"),
              "rectum": ("34402009", "SCT", "Rectum")}  # DICOM-SEG segmented property type of each organ (SNOMED CT)

@@ -405,3 +405,29 @@ def write_seg(masks, ref_img, series_info, path):
     seg, organs = build_seg(masks, ref_img, series_info)
     save_dataset(seg, path)
     return {"path": str(path), "sop_instance_uid": str(seg.SOPInstanceUID), "segments": organs}
+
+
+# --------------------------------------------------------------------------------------------
+# The phantom as a planning-system export (phantom.py --dicom)
+# --------------------------------------------------------------------------------------------
+def write_phantom_dicom(out_dir, n_cases=None, seed=None, grid=None, style="train"):
+    """Write phantom cases as DICOM: out_dir/phantom_<k>/CT/ (CT series) + out_dir/phantom_<k>/RS.dcm (RTSTRUCT
+    of every organ and femoral head the case holds), the layout convert_dicom.py reads. Case k is the same
+    anatomy as BDMAP_<k> of `phantom.py --seed` (phantom.case_seed). Returns the case folders."""
+    import dicom_io
+    import phantom
+
+    n_cases = 1 if n_cases is None else int(n_cases)
+    seed = config.PHANTOM_SEED if seed is None else int(seed)
+    grid = config.PHANTOM_GRID if grid is None else grid
+    dirs = []
+    for index in range(n_cases):
+        case = phantom.make_case(phantom.case_seed(seed, index), grid, style)
+        case_dir = Path(out_dir) / f"phantom_{index + 1:03d}"
+        patient = {"PatientID": case_dir.name, "PatientName": f"Phantom^{index + 1:03d}"}
+        info = dicom_io.write_ct_series(case["ct"], case_dir / "CT", patient=patient,
+                                        series_description=f"phantom seed {seed} case {index + 1}")
+        masks = {name: np.asanyarray(img.dataobj) for name, img in case["masks"].items()}
+        write_rtstruct(masks, case["ct"], info, case_dir / "RS.dcm")
+        dirs.append(case_dir)
+    return dirs
