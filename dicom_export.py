@@ -20,6 +20,7 @@ pydicom, highdicom and contourpy are imported only when a DICOM file is written 
 """
 import copy
 import datetime
+import json
 import warnings
 from pathlib import Path
 
@@ -269,7 +270,9 @@ def build_rtstruct(masks, ref_img, series_info, label="AUTO_ORGANS"):
         for header, frame in zip(headers, frames):
             if not frame.any():
                 continue
-            for polygon in edge_polygons(frame):
+            rows, cols = np.flatnonzero(frame.any(axis=1)), np.flatnonzero(frame.any(axis=0))
+            crop = frame[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # contour only the organ's box: 1 mm CT is big
+            for polygon in (p + np.array([cols[0], rows[0]]) for p in edge_polygons(crop)):  # (column, row)
                 c = Dataset()
                 c.ContourImageSequence = Sequence([_image_ref(header)])
                 c.ContourGeometricType = "CLOSED_PLANAR"
@@ -410,10 +413,11 @@ def write_seg(masks, ref_img, series_info, path):
 # --------------------------------------------------------------------------------------------
 # The phantom as a planning-system export (phantom.py --dicom)
 # --------------------------------------------------------------------------------------------
-def write_phantom_dicom(out_dir, n_cases=None, seed=None, grid=None, style="train"):
+def write_phantom_dicom(out_dir, n_cases=None, seed=None, grid=None, style="train", **forced):
     """Write phantom cases as DICOM: out_dir/phantom_<k>/CT/ (CT series) + out_dir/phantom_<k>/RS.dcm (RTSTRUCT
     of every organ and femoral head the case holds), the layout convert_dicom.py reads. Case k is the same
-    anatomy as BDMAP_<k> of `phantom.py --seed` (phantom.case_seed). Returns the case folders."""
+    anatomy as BDMAP_<k> of `phantom.py --seed` (phantom.case_seed); `forced` goes to phantom.make_case
+    (e.g. spacing=(4, 4, 4)). Returns the case folders."""
     import dicom_io
     import phantom
 
@@ -422,7 +426,7 @@ def write_phantom_dicom(out_dir, n_cases=None, seed=None, grid=None, style="trai
     grid = config.PHANTOM_GRID if grid is None else grid
     dirs = []
     for index in range(n_cases):
-        case = phantom.make_case(phantom.case_seed(seed, index), grid, style)
+        case = phantom.make_case(phantom.case_seed(seed, index), grid, style, **forced)
         case_dir = Path(out_dir) / f"phantom_{index + 1:03d}"
         patient = {"PatientID": case_dir.name, "PatientName": f"Phantom^{index + 1:03d}"}
         info = dicom_io.write_ct_series(case["ct"], case_dir / "CT", patient=patient,
@@ -431,3 +435,86 @@ def write_phantom_dicom(out_dir, n_cases=None, seed=None, grid=None, style="trai
         write_rtstruct(masks, case["ct"], info, case_dir / "RS.dcm")
         dirs.append(case_dir)
     return dirs
+
+
+# --------------------------------------------------------------------------------------------
+# Round-trip figures on the phantom (README)
+# --------------------------------------------------------------------------------------------
+def _rt_utils_roundtrip(series_dir, masks, ref_img, info):
+    """Dice per organ of rt-utils' RTSTRUCT writer (contours through voxel centres) read back by dicom_io:
+    the comparison for rt-utils #86. rt-utils is test-only; None when it is not installed."""
+    import tempfile
+
+    import dicom_io
+
+    try:
+        from rt_utils import RTStructBuilder
+    except ImportError:
+        return None
+    headers = slice_headers(info)
+    order = np.argsort([np.dot(np.cross(*np.asarray(h.ImageOrientationPatient, float).reshape(2, 3)),
+                               np.asarray(h.ImagePositionPatient, float)) for h in headers])
+    rs = RTStructBuilder.create_new(dicom_series_path=str(series_dir))
+    for organ, mask in masks.items():
+        if mask.any():  # rt-utils wants (rows, columns, slices) in its own slice order (by position)
+            frames = mask_frames(mask, ref_img.affine, [headers[k] for k in order])
+            rs.add_roi(mask=frames.transpose(1, 2, 0).astype(bool), name=roi_name(organ))
+    with tempfile.TemporaryDirectory() as tmp:
+        rs.save(str(Path(tmp) / "rs.dcm"))
+        back = {r.name: r for r in dicom_io.read_rtstruct(Path(tmp) / "rs.dcm").rois}
+        read = {o: dicom_io.rasterise(back[roi_name(o)], ref_img) for o, m in masks.items() if m.any()}
+        return {o: (dice(masks[o], r), int(r.sum())) for o, r in read.items()}
+
+
+def phantom_roundtrip(spacings, seeds, compare_rt_utils=True):
+    """Rows of {spacing, seed, organ, voxels, dice, dice_rt_utils, max_chars, contours} for phantom cases
+    written as DICOM series + RTSTRUCT and read back."""
+    import tempfile
+    import time
+
+    import dicom_io
+    import phantom
+    import pydicom
+
+    rows = []
+    for spacing in spacings:
+        for seed in seeds:
+            case = phantom.make_case(seed, "demo", spacing=tuple(spacing))
+            masks = {o: np.asanyarray(case["masks"][o].dataobj) for o in config.ORGANS}
+            with tempfile.TemporaryDirectory() as tmp:
+                info = dicom_io.write_ct_series(case["ct"], Path(tmp) / "CT")
+                t0 = time.perf_counter()
+                written = write_rtstruct(masks, case["ct"], info, Path(tmp) / "rs.dcm")
+                seconds = time.perf_counter() - t0
+                check = rtstruct_roundtrip(Path(tmp) / "rs.dcm", masks, case["ct"], info.frame_of_reference_uid)
+                theirs = _rt_utils_roundtrip(Path(tmp) / "CT", masks, case["ct"], info) if compare_rt_utils else None
+                ds = pydicom.dcmread(Path(tmp) / "rs.dcm")
+                chars = max((len(str(v)) for item in ds.ROIContourSequence for c in item.ContourSequence
+                             for v in c.ContourData), default=0)
+            for organ in config.ORGANS:
+                if check["dice"][organ] is None:
+                    continue
+                rows.append(dict(spacing=list(spacing), seed=seed, shape=list(case["ct"].shape), organ=organ,
+                                 voxels=check["voxels"][organ][0], dice=check["dice"][organ],
+                                 dice_rt_utils=None if theirs is None else round(theirs[organ][0], 4),
+                                 voxels_rt_utils=None if theirs is None else theirs[organ][1],
+                                 contours=written["contours"][organ], max_chars=chars, seconds=round(seconds, 2)))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None):
+    """Round-trip Dice of RTSTRUCTs written from phantom cases at the given voxel sizes (printed as JSON lines)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--spacing", nargs="+", default=["1,1,1", "2,2,2", "3,3,3"], help="mm, x,y,z per run")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--no-rt-utils", action="store_true", help="skip the rt-utils comparison")
+    args = parser.parse_args(argv)
+    spacings = [tuple(float(v) for v in s.split(",")) for s in args.spacing]
+    phantom_roundtrip(spacings, args.seeds, not args.no_rt_utils)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ Usage:
 Writes OUT/<case>/segmentations/{prostate,bladder,rectum}.nii.gz (uint8 0/1), OUT/<case>/combined_labels.nii.gz
 (uint8, AbdomenAtlas values config.LABEL_VALUES) and OUT/<case>/volumes.json (mL per organ, present or absent).
 <case> is the folder name for .../<folder>/ct.nii.gz (AbdomenAtlas layout), otherwise the file name without
-.nii(.gz). Outputs keep the input's shape, affine, qform and sform. The net and TARGET_SPACING / PATCH_SIZE /
+.nii(.gz) (a DICOM folder: its name, or its parent's for .../<patient>/CT or .../<patient>/DICOM). Outputs keep the input's shape, affine, qform and sform. The net and TARGET_SPACING / PATCH_SIZE /
 HU_CLIP come from the checkpoint. A bad file gives a one-line error and the others are still processed; the
 exit code is 1 when any failed.
 
@@ -37,9 +37,12 @@ CT_SERIES_DIR = "ct_dicom"  # OUT/<case>/ct_dicom/: a NIfTI input written as a D
 
 
 def case_name(path):
-    """Case folder name: the parent folder for */ct.nii.gz, else the file name without .nii(.gz)."""
+    """Case folder name: the parent folder for */ct.nii.gz and for a DICOM folder named CT or DICOM
+    (patient01/CT -> patient01), else the file or folder name without .nii(.gz)."""
     path = Path(path)
     name = path.name
+    if path.is_dir() and name.lower() in ("ct", "dicom") and path.parent.name:
+        return path.parent.name
     for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]

@@ -4,6 +4,8 @@ Ground truth is drawn in each series' own DICOM layout (slice, row, column), so 
 the code under test: contours are projected back onto their slice with the slice's own header and filled with
 matplotlib (even-odd), and rt-utils and highdicom read the files independently.
 """
+import json
+
 import numpy as np
 import nibabel as nib
 import pytest
@@ -320,3 +322,62 @@ def test_seg_frames_segments_and_codes(tmp_path, orientation):
                                                ignore_spatial_locations=True)  # (slice, row, col, segment)
     np.testing.assert_array_equal(frames[..., 0], truth["bladder"])
     np.testing.assert_array_equal(frames[..., 1], truth["rectum"])
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: phantom -> DICOM -> convert -> preprocess -> train -> predict on DICOM -> RTSTRUCT -> read back
+# --------------------------------------------------------------------------------------------
+def test_dicom_end_to_end(tmp_path, capsys):
+    convert_dicom = pytest.importorskip("convert_dicom")
+    import dicom_export
+    import dicom_io
+    import phantom
+    import predict
+    import run_pipeline
+
+    n_cases = 5
+    dicom_root = tmp_path / "dicom"
+    small = dict(spacing=(4.0, 4.0, 5.0))  # coarse voxels: the test is about the chain, not about accuracy
+    dirs = dicom_export.write_phantom_dicom(dicom_root, n_cases, seed=0, grid="demo", **small)
+    records, failures = convert_dicom.convert(dicom_root, tmp_path / "data")
+    assert not failures and len(records) == n_cases
+    cases = [phantom.make_case(phantom.case_seed(0, i), "demo", **small) for i in range(n_cases)]
+
+    # The converted labels are the phantom's own masks, voxel for voxel (written as RTSTRUCT, rasterised back).
+    for folder, case in zip(dirs, cases):
+        case_dir = tmp_path / "data" / convert_dicom.case_id(folder)
+        ct = nib.load(str(case_dir / "ct.nii.gz"))
+        for organ in config.ORGANS:
+            truth = nib.as_closest_canonical(case["masks"][organ])
+            np.testing.assert_allclose(truth.affine, ct.affine, atol=1e-3)
+            path = case_dir / "segmentations" / f"{organ}.nii.gz"
+            converted = np.asanyarray(nib.load(str(path)).dataobj) if path.is_file() else 0 * truth.get_fdata()
+            np.testing.assert_array_equal(converted > 0, np.asanyarray(truth.dataobj) > 0, err_msg=organ)
+
+    argv = ["--preprocess", "--train", f"--OUTPUT_ROOT={tmp_path}", f"--DATA_ROOT={tmp_path / 'data'}",
+            "--TARGET_SPACING=6,6,6", "--PATCH_SIZE=16,16,16", "--BASE_CHANNELS=4", "--DEPTH=3", "--EPOCHS=1",
+            "--ITERS_PER_EPOCH=2", "--BATCH_SIZE=1", "--VAL_EVERY=100", "--NUM_WORKERS=1", "--AMP=false"]
+    assert run_pipeline.main(argv) == 0
+    checkpoint = tmp_path / "checkpoints" / "checkpoint_last.pth"  # no validation in a 2-step run
+    series = [d / "CT" for d in dirs[:2]]
+    done, failed = predict.predict_files(series, tmp_path / "pred", checkpoint, formats=("nifti", "rtstruct"))
+    assert not failed and [c.name for _, c in done] == [d.name for d in dirs[:2]]  # phantom_001/CT -> phantom_001
+    converted = [tmp_path / "data" / convert_dicom.case_id(d) / "ct.nii.gz" for d in dirs[:2]]
+    done_nifti, failed = predict.predict_files(converted, tmp_path / "pred_nifti", checkpoint)
+    assert not failed and len(done_nifti) == 2
+    for (src, case_dir), (_, nifti_dir), case in zip(done, done_nifti, cases):
+        img, info = dicom_io.read_ct_series(src)
+        rs = dicom_io.read_rtstruct(case_dir / "rtstruct.dcm")
+        assert rs.referenced_series_uids == [info.series_uid]
+        back = {r.name: dicom_io.rasterise(r, img, info.frame_of_reference_uid) for r in rs.rois}
+        record = json.loads((case_dir / "volumes.json").read_text())
+        for organ in config.ORGANS:
+            pred = np.asanyarray(nib.load(str(case_dir / "segmentations" / f"{organ}.nii.gz")).dataobj)
+            read = back.get(config.ROI_NAMES[organ], np.zeros_like(pred))
+            np.testing.assert_array_equal(read, pred)  # the RTSTRUCT holds exactly the predicted mask
+            expected = None if not pred.any() else 1.0
+            assert record["dicom"]["rtstruct"]["roundtrip_dice"][organ] == expected
+            same = np.asanyarray(nib.load(str(nifti_dir / "segmentations" / f"{organ}.nii.gz")).dataobj)
+            np.testing.assert_array_equal(read, same)  # DICOM in gives the prediction the converted NIfTI gets
+            truth = np.asanyarray(nib.as_closest_canonical(case["masks"][organ]).dataobj) > 0
+            print(f"{src.parent.name} {organ}: Dice against the phantom's own mask {dicom_export.dice(read, truth):.3f}")
