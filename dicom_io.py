@@ -6,6 +6,7 @@ Usage:
     mask = dicom_io.rasterise(rs.roi("Bladder"), img, info.frame_of_reference_uid)   # uint8 on img's grid
     info = dicom_io.write_ct_series(img, "out/CT")              # a NIfTI CT as a DICOM CT series
     python dicom_io.py FOLDER                                   # print what a folder holds
+    python dicom_io.py RS.dcm                                   # ROI volumes (cc) on a 1 mm contour grid
 
 Geometry. DICOM patient coordinates are LPS (+x patient left, +y posterior, +z head); NIfTI world is RAS, so
 x and y change sign. A slice's voxel (column i, row j) sits at ImagePositionPatient + i * PixelSpacing[1] * row
@@ -42,7 +43,7 @@ NOT_DICOM_SUFFIXES = (".txt", ".md", ".json", ".csv", ".xml", ".html", ".pdf", "
                       ".gz", ".zip", ".log", ".ini", ".py", ".sh")  # skipped with a note, never parsed
 ORTHO_TOL = 1e-3  # |row|, |col| = 1 and row . col = 0 within this (ImageOrientationPatient is often rounded)
 SAME_TOL = 1e-4  # orientation / spacing of two slices count as equal within this
-TILT_TOL_MM = 0.01  # slice positions may leave the line along the normal by this much (mm) before "tilt"
+TILT_TOL_MM = 0.05  # slice positions may leave the line along the normal by this much (mm) before "tilt"
 
 
 class DicomError(ValueError):
@@ -62,6 +63,11 @@ def _pydicom(path):
     except ImportError:
         raise DicomError(path, INSTALL_HINT) from None
     return pydicom
+
+
+def require_pydicom(what="DICOM input"):
+    """DicomError with the install hint when pydicom is missing (for callers that want to fail early)."""
+    _pydicom(what)
 
 
 def _line(exc):
@@ -121,8 +127,8 @@ def _read_header(path):
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=not _has_dicm_magic(path))
     except Exception as exc:  # pydicom raises many types for garbage and truncation
         raise DicomError(path, f"unreadable DICOM file ({_line(exc)})") from None
-    if "SOPClassUID" not in ds and "Modality" not in ds and getattr(ds, "file_meta", None) is None:
-        raise DicomError(path, "not a DICOM file")
+    if not _uid(ds, "SOPClassUID", "MediaStorageSOPClassUID") and "Modality" not in ds:
+        raise DicomError(path, "unreadable DICOM file (no SOP Class UID or Modality: truncated, or not DICOM)")
     return ds
 
 
@@ -191,6 +197,10 @@ def choose_ct_series(scan, folder, series_uid=None):
             found = ", ".join(filter(None, [found, f"{len(scan['rtstruct'])} RTSTRUCT"]))
         raise DicomError(folder, f"no CT series in this folder (found {found or 'nothing usable'}); "
                                  "only CT is supported")
+    stacks = {u: v for u, v in cts.items() if len(v) > 1}
+    if len(cts) > 1 and len(stacks) == 1:  # the others are single images: scouts not flagged LOCALIZER, dose reports
+        scan["notes"].append(f"ignored {len(cts) - 1} single-image CT series (localizer?)")
+        return next(iter(stacks.items()))
     if len(cts) > 1:
         raise DicomError(folder, f"{len(cts)} CT series: {'; '.join(_series_label(u, v) for u, v in cts.items())}"
                                  "; choose one by its SeriesInstanceUID")
@@ -378,25 +388,26 @@ def _slice_hu(path):
     return pixels.astype(np.float64) * slope + intercept
 
 
-def read_ct_series(folder, series_uid=None, verbose=False):
+def read_ct_series(folder, series_uid=None, verbose=False, scan=None):
     """Read a folder holding one CT series (other files allowed) -> (nibabel.Nifti1Image, SeriesInfo).
 
     The image is int16 HU, reoriented to the closest canonical RAS axes (indexed [x, y, z], affine in RAS mm).
     Non-CT files (RTSTRUCT, RTDOSE, RTPLAN, ...) are ignored and localizer images dropped, with a note; with
     several CT series pass series_uid (DicomError lists them otherwise). Notes are in info.notes and
-    img.extra["warnings"]; verbose=True prints which series was taken in one line.
+    img.extra["warnings"]; verbose=True prints which series was taken in one line. scan: a scan_folder()
+    result for this folder, to skip reading the headers twice.
     Refused (DicomError, one line naming the folder or file): unreadable file, no CT, two CT series, mixed
     sizes/orientations, non-orthogonal orientation, gantry tilt, missing slice (uneven spacing), one slice.
     """
     import nibabel as nib
     folder = Path(folder)
-    scan = scan_folder(folder)
+    scan = scan if scan is not None else scan_folder(folder)
     uid, items = choose_ct_series(scan, folder, series_uid)
     notes = list(scan["notes"])
     ignored = [f"{n} {m}" for m, n in sorted(scan["other"].items())]
     if scan["rtstruct"]:
         ignored.append(f"{len(scan['rtstruct'])} RTSTRUCT")
-    if len(scan["ct"]) > 1:
+    if len(scan["ct"]) > 1 and series_uid is not None:
         ignored.append(f"{len(scan['ct']) - 1} other CT series")
     if ignored:
         notes.append(f"ignored {', '.join(ignored)} file(s)")
@@ -606,7 +617,7 @@ def read_rtstruct(path):
     if modality != "RTSTRUCT" and _uid(ds, "SOPClassUID", "MediaStorageSOPClassUID") != RTSTRUCT_STORAGE:
         raise DicomError(path, f"not an RT Structure Set (Modality {modality or 'missing'})")
     if "StructureSetROISequence" not in ds:
-        raise DicomError(path, "RTSTRUCT without StructureSetROISequence")
+        raise DicomError(path, "RTSTRUCT without StructureSetROISequence (truncated file?)")
     notes, fors, series = [], [], []
     for ref in ds.get("ReferencedFrameOfReferenceSequence", []):
         fors.append(_uid(ref, "FrameOfReferenceUID"))
@@ -782,11 +793,29 @@ def contour_grid(rois, pixel_mm=1.0, margin_mm=2.0):
     return nib.Nifti1Image(np.zeros((int(n_xy[0]), int(n_xy[1]), n_z), dtype=np.uint8), affine)
 
 
+def roi_volumes(structure_set, pixel_mm=1.0):
+    """{ROI name: volume in cc} rasterised on contour_grid(pixel_mm) (0.0 for empty ROIs): voxel count times
+    voxel volume, every contour plane one slice thick."""
+    full = [r for r in structure_set.rois if not r.empty]
+    if not full:
+        return {r.name: 0.0 for r in structure_set.rois}
+    grid = contour_grid(full, pixel_mm=pixel_mm)
+    voxel_cc = float(np.prod(np.linalg.norm(grid.affine[:3, :3], axis=0))) / 1000.0
+    return {r.name: 0.0 if r.empty else float(rasterise(r, grid).sum()) * voxel_cc for r in structure_set.rois}
+
+
 def main(argv=None):
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.exit("usage: python dicom_io.py FOLDER")
+        sys.exit("usage: python dicom_io.py FOLDER | RTSTRUCT_FILE")
     try:
+        if Path(args[0]).is_file():  # an RT Structure Set on its own: ROI volumes on a 1 mm contour grid
+            rs = read_rtstruct(args[0])
+            print(f"{rs.path}: {len(rs.rois)} ROIs, Frame of Reference {rs.frame_of_reference_uid}")
+            for name, cc in roi_volumes(rs).items():
+                roi = rs.roi(name)
+                print(f"  {name:24s} {len(roi.contours):4d} contours  {'empty' if roi.empty else f'{cc:10.2f} cc'}")
+            return
         scan = scan_folder(args[0])
         for uid, items in scan["ct"].items():
             print(f"CT series {_series_label(uid, items)}")

@@ -5,6 +5,8 @@ Synthetic series are written slice by slice with pydicom here (not with dicom_io
 unequal row/column spacing and scrambled InstanceNumbers, so that any flip, swap or sort by InstanceNumber shows.
 """
 import csv
+import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -201,6 +203,9 @@ def test_folder_with_rtstruct_and_localizer_picks_the_ct_series(tmp_path):
     assert img2.shape == (13, 11, 7) and info2.sop_instance_uids == info.sop_instance_uids
     text = " ".join(info2.notes)
     assert "localizer" in text and "RTSTRUCT" in text and "non-DICOM" in text
+    write_slices(tmp_path / "p", test_volume((13, 11, 1)), seed=6, iop=SAGITTAL)  # an unflagged scout series
+    img3, info3 = dicom_io.read_ct_series(tmp_path / "p")
+    assert info3.sop_instance_uids == info.sop_instance_uids and "single-image CT series" in " ".join(info3.notes)
     assert dicom_io.is_dicom_series(tmp_path / "p") and not dicom_io.is_dicom_series(tmp_path / "p" / "RS.dcm")
 
 
@@ -359,13 +364,108 @@ def test_rasterise_refuses_contour_between_slices_and_foreign_frame_of_reference
 def test_real_eclipse_structure_set_volumes_within_3_percent_of_eclipse_and_slicer():
     rs = dicom_io.read_rtstruct(ECLIPSE / "RS.dcm")
     grid = dicom_io.contour_grid(rs.rois, pixel_mm=1.0)  # contours' extent, 1 mm in-plane, a slice per plane
-    voxel_cc = float(np.prod(np.linalg.norm(grid.affine[:3, :3], axis=0))) / 1000.0
+    assert np.allclose(np.linalg.norm(grid.affine[:3, :3], axis=0), [1.0, 1.0, 2.5])
+    volumes = dicom_io.roi_volumes(rs, pixel_mm=1.0)  # rasterised on that grid
     with open(ECLIPSE / "reference_volumes.csv") as f:
         reference = {r["structure"]: (float(r["eclipse_cc"]), float(r["slicerrt_cc"])) for r in csv.DictReader(f)}
     for name in ("Bladder", "Rectum", "Femoral Head Lt", "Femoral Head RT", "BODY"):
-        cc = dicom_io.rasterise(rs.roi(name), grid).sum() * voxel_cc
+        cc = volumes[name]
         for ref in reference[name]:
             assert abs(cc / ref - 1) < 0.03, (name, cc, reference[name])
     empty = {r.name for r in rs.rois if r.empty}
     assert {"PROS", "CTV", "optBladder", "optRectum"} <= empty and not empty & set(reference)
     assert rs.roi("PROS").empty and dicom_io.rasterise(rs.roi("PROS"), grid).sum() == 0
+
+
+# --- convert_dicom.py and a DICOM case folder in preprocessing -------------------------------------------
+
+def planning_export(folder, frame_uid=None, seed=0):
+    """A patient folder as a planning system exports it: CT/ slices + RS/RS.dcm with planning ROI names.
+    Returns (expected {organ: mask on our RAS grid}, CT image as we read it)."""
+    vol = np.full((30, 28, 8), -1000, np.int16)
+    vol[3:27, 3:25, :] = 30
+    write_slices(Path(folder) / "CT", vol, pixel_spacing=(1.0, 1.0), gap=2.0, seed=seed)
+    img, info = dicom_io.read_ct_series(Path(folder) / "CT")
+    boxes = {"BLADDER": [(5, 12, 6, 14, k) for k in (2, 3, 4)],
+             "Rectum": [(16, 24, 10, 20, k) for k in (1, 2)] + [(19, 21, 13, 16, k) for k in (1, 2)],  # ring
+             "Femoral Head Lt": [(4, 8, 18, 22, 5)], "optBladder": [(5, 8, 6, 8, 3)],
+             "BODY": [(3, 26, 3, 24, k) for k in range(8)]}
+    rois = {name: [square(*b, img) for b in bs] for name, bs in boxes.items()}
+    rois.update({"PROS": [], "CTV": []})
+    (Path(folder) / "RS").mkdir(parents=True)
+    make_rtstruct(Path(folder) / "RS" / "RS.dcm", info, rois, omit=("CTV",), frame_uid=frame_uid)
+    expect = {}
+    for organ, name in (("bladder", "BLADDER"), ("rectum", "Rectum"), ("femur_left", "Femoral Head Lt")):
+        m = np.zeros(img.shape, np.uint8)
+        for i0, i1, j0, j1, k in boxes[name]:
+            m[i0:i1 + 1, j0:j1 + 1, k] ^= 1
+        expect[organ] = m
+    return expect, img
+
+
+def test_convert_dicom_writes_abdomenatlas_cases_and_goes_on_past_bad_patients(tmp_path, capsys):
+    import convert_dicom
+    import preprocessing as pp
+    root = tmp_path / "dicom"
+    expect, img = planning_export(root / "patient1")
+    planning_export(root / "patient2", frame_uid="1.2.3.999")  # contours drawn on another frame of reference
+    (root / "patient3").mkdir()
+    make_rtstruct(root / "patient3" / "RS.dcm", dicom_io.read_ct_series(root / "patient1" / "CT")[1], {})  # no CT
+    rc = convert_dicom.main([str(root), "-o", str(tmp_path / "data")])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    failed = [l for l in err.splitlines() if l.startswith("failed:")]
+    assert len(failed) == 2 and "Frame of Reference" in failed[0] and "patient2" in failed[0]
+    assert "RTSTRUCT without CT" in failed[1] and "patient3" in failed[1]
+    case = tmp_path / "data" / "BDMAP_patient1"
+    assert not (tmp_path / "data" / "BDMAP_patient2").exists()
+    assert sorted(p.name for p in (case / "segmentations").iterdir()) == [
+        "bladder.nii.gz", "femur_left.nii.gz", "rectum.nii.gz"]
+    record = json.loads((case / "conversion.json").read_text())
+    assert record["organs"]["prostate"] == dict(status="absent", roi="PROS", reason="ROI has no contours")
+    assert record["organs"]["femur_right"]["status"] == "absent" and record["organs"]["femur_right"]["roi"] is None
+    assert set(record["unmatched_rois"]) == {"optBladder", "BODY", "CTV"} and record["empty_unmatched_rois"] == ["CTV"]
+    line = next(l for l in out.splitlines() if l.startswith("BDMAP_patient1"))
+    assert "prostate absent ('PROS' has no contours)" in line and "optBladder" in line
+    ct = nib.load(str(case / "ct.nii.gz"))
+    assert np.array_equal(np.asarray(ct.dataobj), np.asarray(img.dataobj)) and np.allclose(ct.affine, img.affine)
+    for organ, m in expect.items():
+        assert np.array_equal(np.asarray(nib.load(str(case / "segmentations" / f"{organ}.nii.gz")).dataobj), m)
+    # the pipeline reads the converted case unchanged: the empty PROS is an absent prostate
+    read = pp.read_case(case)
+    assert read["masks"]["prostate"] is None and read["masks"]["bladder"].sum() == expect["bladder"].sum()
+    assert any("no mask for prostate" in w for w in read["warnings"])
+
+
+def test_synonyms_are_case_insensitive_and_exact():
+    import convert_dicom
+    table = convert_dicom.synonym_table()
+    for name, organ in (("BLADDER", "bladder"), ("Blase", "bladder"), ("prostate_gland", "prostate"),
+                        ("PROS", "prostate"), ("RECTUM", "rectum"), ("Femoral Head RT", "femur_right"),
+                        ("femoral_head_lt", "femur_left")):
+        assert table[convert_dicom.normalise_roi_name(name)] == organ, name
+    for name in ("optBladder", "Bladder_wall", "PTV", "BODY", "Rectum PRV"):
+        assert convert_dicom.normalise_roi_name(name) not in table, name
+
+
+def test_two_rois_with_contours_for_one_organ_are_refused(tmp_path):
+    import convert_dicom
+    _, img = planning_export(tmp_path / "p")
+    rs = dicom_io.read_rtstruct(tmp_path / "p" / "RS" / "RS.dcm")
+    rs.roi("optBladder").name = "Blase"  # now two ROIs with contours read as the bladder
+    with pytest.raises(dicom_io.DicomError, match="2 ROIs with contours for bladder"):
+        convert_dicom.match_rois(rs)
+
+
+def test_preprocessing_accepts_a_dicom_series_folder_as_the_ct(tmp_path):
+    import preprocessing as pp
+    case = tmp_path / "BDMAP_00000001"
+    expect, img = planning_export(tmp_path / "export")
+    shutil.copytree(tmp_path / "export" / "CT", case / "ct")
+    (case / "segmentations").mkdir()
+    nib.save(nib.Nifti1Image(expect["bladder"], img.affine), str(case / "segmentations" / "bladder.nii.gz"))
+    read = pp.read_case(case)
+    assert np.array_equal(np.asarray(read["ct"].dataobj), np.asarray(img.dataobj))
+    assert np.array_equal(read["masks"]["bladder"], expect["bladder"])
+    meta = pp.process_case(case, tmp_path / "out" / case.name)
+    assert meta["organs"]["bladder"]["present"] and any(k.startswith("ct/") for k in meta["inputs"])
