@@ -5,6 +5,7 @@ Usage (library; predict.py calls it):
     check = rtstruct_roundtrip("out/case/rtstruct.dcm", masks, ref_img)         # Dice per organ, read back
     write_seg(masks, ref_img, series_info, "out/case/seg.dcm")
     python phantom.py --dicom --out DIR                                          # phantom CT series + RTSTRUCT
+    python dicom_export.py --spacing 1,1,1 3,3,3 --seeds 0 1 2     # round-trip Dice on phantoms (vs rt-utils)
 
 `masks` live on the grid of `ref_img` (the nibabel image dicom_io.read_ct_series returned, or the NIfTI CT that
 dicom_io.write_ct_series wrote as a series); `series_info` is the SeriesInfo that came with it. Every slice of
@@ -167,7 +168,7 @@ def _ds(value):
 # --------------------------------------------------------------------------------------------
 def roi_name(organ):
     """TG-263 ROI name of an organ (config.ROI_NAMES)."""
-    return getattr(config, "ROI_NAMES", {}).get(organ, organ.capitalize())
+    return config.ROI_NAMES.get(organ, organ.capitalize())
 
 
 def _series_uid(series_info, headers, attr, keyword):
