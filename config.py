@@ -99,6 +99,15 @@ PRESENCE_BOUNDS = (0.1, 0.5)  # the minimum stays between these fractions of the
                               # training split: never keep less than a tenth of it, never drop half of it
 MIN_ORGAN_ML = {}  # that decision (mL per organ, model space); set from the checkpoint by evaluate and predict
 
+# --- DICOM export ---------------------------------------------------------------------------
+ROI_COLOURS = {"prostate": (255, 128, 0), "bladder": (255, 255, 0), "rectum": (139, 69, 19),
+               "femur_left": (0, 200, 0), "femur_right": (0, 160, 255)}  # RTSTRUCT ROIDisplayColor, RGB
+SEG_CATEGORY = ("91723000", "SCT", "Anatomical Structure")  # DICOM-SEG segmented property category (DICOM CID 7150)
+SEG_CODES = {"prostate": ("41216001", "SCT", "Prostate"), "bladder": ("89837001", "SCT", "Urinary bladder"),
+             "rectum": ("34402009", "SCT", "Rectum")}  # DICOM-SEG segmented property type of each organ (SNOMED CT)
+SEG_ALGORITHM_FAMILY = ("123110", "DCM", "Artificial Intelligence")  # DICOM-SEG algorithm family (DICOM CID 7162)
+ROUNDTRIP_MIN_DICE = 0.95  # an RTSTRUCT read back below this Dice against the mask written is a warning
+
 # --- Device profiles: applied before command-line overrides ---------------------------------
 PROFILE = "auto"  # "auto" (gpu if CUDA else cpu), "cpu" or "gpu"
 PROFILES = {

@@ -126,7 +126,7 @@ def convert_patient(folder, out_root):
     notes = list(scan["notes"])
     structure_set = _choose_rtstruct(scan, folder)
     uid = _choose_series(scan, structure_set, folder, notes)
-    img, info = dicom_io.read_ct_series(folder, series_uid=uid, scan=scan)
+    img, info = dicom_io.read_ct_series(folder, series_uid=uid, scan=dict(scan, rtstruct=[]))  # RTSTRUCT: ours
     notes = sorted(set(notes + info.notes), key=(notes + info.notes).index) + structure_set.notes
     dicom_io.check_frame_of_reference(structure_set, info)
     chosen, unmatched = match_rois(structure_set)

@@ -817,15 +817,16 @@ def main(argv=None):
                 print(f"  {name:24s} {len(roi.contours):4d} contours  {'empty' if roi.empty else f'{cc:10.2f} cc'}")
             return
         scan = scan_folder(args[0])
-        for uid, items in scan["ct"].items():
-            print(f"CT series {_series_label(uid, items)}")
         for path, ds in scan["rtstruct"]:
             rs = read_rtstruct(path)
             print(f"RTSTRUCT {path}: " + ", ".join(f"{r.name}{' (empty)' if r.empty else ''}" for r in rs.rois))
         for modality, n in sorted(scan["other"].items()):
             print(f"{n} {modality} file(s)")
-        for note in scan["notes"]:
-            print(f"note: {note}")
+        if scan["ct"]:
+            read_ct_series(args[0], scan=scan, verbose=True)  # the checks: one line saying what was read, or why not
+        else:
+            for note in scan["notes"]:
+                print(f"note: {note}")
     except DicomError as exc:
         sys.exit(str(exc))
 

@@ -23,68 +23,16 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 from nibabel import orientations as nio
 
 import config
+import inference
 import metrics
 from fileio import pyplot, save_figure, save_nifti_atomic, write_text_atomic
 
-CHECKPOINT_SETTINGS = ("TARGET_SPACING", "PATCH_SIZE", "HU_CLIP")  # taken from the checkpoint, not today's config
 DISPLAY_HU = (-200, 400)  # overlay window (HU)
 OVERLAY_MARGIN_MM = 40.0  # context around the organ in the overlays
 COLORS = {"prostate": "tab:orange", "bladder": "tab:blue", "rectum": "tab:green"}
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint
-# --------------------------------------------------------------------------------------------
-def default_checkpoint():
-    return Path(config.CHECKPOINT_DIR) / "best_model.pth"
-
-
-def load_model(checkpoint=None, device="cpu"):
-    """(model in eval mode on `device`, checkpoint dict, path); one-line errors for missing, truncated or
-    foreign checkpoints (train.load_checkpoint / model_from_checkpoint)."""
-    import train
-
-    path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-    ckpt = train.load_checkpoint(path)
-    model = train.model_from_checkpoint(ckpt, path)
-    return model.to(device).eval(), ckpt, path
-
-
-def use_checkpoint_settings(ckpt, quiet=False):
-    """Set config.TARGET_SPACING / PATCH_SIZE / HU_CLIP from the checkpoint (the model was trained with them);
-    prints a note for each that differs from the current config. Returns {name: (current, checkpoint)}."""
-    saved = ckpt.get("settings") or {}
-    changed = {}
-    for name in CHECKPOINT_SETTINGS:
-        if name not in saved:
-            if not quiet:
-                print(f"note: checkpoint records no {name}; using the current {getattr(config, name)}")
-            continue
-        value = tuple(saved[name])
-        current = tuple(getattr(config, name))
-        if not np.allclose(np.asarray(value, float), np.asarray(current, float)):
-            changed[name] = (current, value)
-            if not quiet:
-                print(f"note: {name} from the checkpoint {value} (current config has {current})")
-        setattr(config, name, value)
-    if config.LARGEST_COMPONENT == "auto":  # decided on the validation split when the model was trained
-        config.LARGEST_COMPONENT = "on" if ckpt.get("largest_component") else "off"
-        if not quiet:
-            print(f"largest-component cleanup {config.LARGEST_COMPONENT} (decided on the validation split in training)")
-    if config.PRESENCE_RULE == "auto":
-        config.MIN_ORGAN_ML = dict(ckpt.get("min_organ_ml") or {})  # an older checkpoint has none: keep every voxel
-        if not quiet and config.MIN_ORGAN_ML:
-            print("presence rule (decided on the validation split): organ absent below "
-                  + ", ".join(f"{o} {v:g} mL" for o, v in config.MIN_ORGAN_ML.items()))
-    return changed
-
-
-def pick_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,18 +66,6 @@ def split_cases(split):
 def header_spacing(img):
     """Voxel size (mm) along the array axes, from the image header."""
     return tuple(float(z) for z in img.header.get_zooms()[:3])
-
-
-def predict_case(model, ct_img, device):
-    """uint8 label map (k = ORGANS.index + 1) on the original grid of `ct_img`."""
-    import inference
-    import preprocessing
-
-    hu, geom = preprocessing.prepare_ct(ct_img)
-    labels = inference.segment(model, hu, device=device)
-    return preprocessing.restore_labels(labels, geom)
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,9 +330,9 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None, data
     import preprocessing
     from tqdm import tqdm
 
-    device = pick_device()
-    model, ckpt, ckpt_path = load_model(checkpoint, device)
-    changed = use_checkpoint_settings(ckpt)
+    device = inference.pick_device()
+    model, ckpt, ckpt_path = inference.load_model(checkpoint, device)
+    changed = inference.use_checkpoint_settings(ckpt)
     organs = tuple(ckpt["model_config"].get("organs", config.ORGANS))
     if tuple(organs) != tuple(config.ORGANS):
         print(f"note: checkpoint organs {organs} (current config has {tuple(config.ORGANS)})")
@@ -423,7 +359,7 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None, data
     for cid, path, read in tqdm(jobs, desc=f"evaluate {split}", unit="case", disable=not show_progress):
         try:
             case = read(path)
-            pred = predict_case(model, case["ct"], device)
+            pred = inference.predict_case(model, case["ct"], device)
         except (preprocessing.CaseError, FileNotFoundError) as exc:
             failed.append((cid, str(exc)))
             print(f"evaluate: skipped {cid}: {exc}")

@@ -290,5 +290,105 @@ def main():
               f"({math.prod(len(window_starts(n, 64, 0.5)) for n in image.shape[2:])} windows)")
 
 
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint -> model, CT image -> labels (the one home train.py, evaluate.py and predict.py share)
+# --------------------------------------------------------------------------------------------
+CHECKPOINT_SETTINGS = ("TARGET_SPACING", "PATCH_SIZE", "HU_CLIP")  # taken from the checkpoint, not today's config
+
+
+def default_checkpoint():
+    from pathlib import Path
+
+    return Path(config.CHECKPOINT_DIR) / "best_model.pth"
+
+
+def pick_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_checkpoint(path):
+    """Load a checkpoint dict with a one-line error for a missing, truncated or foreign file."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found (train first: python run_pipeline.py --train)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated zip, pickle garbage, ...
+        detail = str(exc).strip().split(". ")[0][:160]  # torch appends a paragraph of advice; the cause is enough
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {detail})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path}: not a checkpoint of this pipeline (no model/model_config)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    """Rebuild the net from the checkpoint's own model_config and load its weights."""
+    import multi_decoder_model
+
+    try:
+        model = multi_decoder_model.MultiDecoderUNet(**ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as exc:
+        lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip()]
+        first = lines[1 if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else 0][:200]  # the cause
+        raise ValueError(f"{path}: weights do not fit this architecture; a checkpoint from another version of "
+                         f"multi_decoder_model.py has to be retrained ({first})") from None
+    return model
+
+
+def use_checkpoint_settings(ckpt, quiet=False):
+    """Set config.TARGET_SPACING / PATCH_SIZE / HU_CLIP from the checkpoint (the model was trained with them);
+    prints a note for each that differs from the current config. Returns {name: (current, checkpoint)}."""
+    saved = ckpt.get("settings") or {}
+    changed = {}
+    for name in CHECKPOINT_SETTINGS:
+        if name not in saved:
+            if not quiet:
+                print(f"note: checkpoint records no {name}; using the current {getattr(config, name)}")
+            continue
+        value = tuple(saved[name])
+        current = tuple(getattr(config, name))
+        if not np.allclose(np.asarray(value, float), np.asarray(current, float)):
+            changed[name] = (current, value)
+            if not quiet:
+                print(f"note: {name} from the checkpoint {value} (current config has {current})")
+        setattr(config, name, value)
+    if config.LARGEST_COMPONENT == "auto":  # decided on the validation split when the model was trained
+        config.LARGEST_COMPONENT = "on" if ckpt.get("largest_component") else "off"
+        if not quiet:
+            print(f"largest-component cleanup {config.LARGEST_COMPONENT} (decided on the validation split in training)")
+    if config.PRESENCE_RULE == "auto":
+        config.MIN_ORGAN_ML = dict(ckpt.get("min_organ_ml") or {})  # an older checkpoint has none: keep every voxel
+        if not quiet and config.MIN_ORGAN_ML:
+            print("presence rule (decided on the validation split): organ absent below "
+                  + ", ".join(f"{o} {v:g} mL" for o, v in config.MIN_ORGAN_ML.items()))
+    return changed
+
+
+def load_model(checkpoint=None, device="cpu"):
+    """(model in eval mode on `device`, checkpoint dict, path) for `checkpoint` (default
+    CHECKPOINT_DIR/best_model.pth); one-line errors for missing, truncated or foreign checkpoints.
+    Call use_checkpoint_settings(ckpt) before predicting: the net expects the settings it was trained with."""
+    from pathlib import Path
+
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path)
+    return model.to(device).eval(), ckpt, path
+
+
+def predict_case(model, ct_img, device):
+    """uint8 label map (k = ORGANS.index + 1) on the original grid of the NIfTI image `ct_img`
+    (RAS, resample and crop as in preprocessing, segment, then all of it undone)."""
+    import preprocessing
+
+    hu, geom = preprocessing.prepare_ct(ct_img)
+    labels = segment(model, hu, device=device)
+    return preprocessing.restore_labels(labels, geom)
+
+
 if __name__ == "__main__":
     main()

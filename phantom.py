@@ -3,6 +3,7 @@
 Usage:
     python phantom.py --out data --cases 36 --seed 0 [--grid demo|ct] [--style train|ood] [--workers 2]
     python phantom.py --preview analysis/phantom_preview.png --out data     # contour figure of a few cases
+    python phantom.py --dicom --out dicom_phantom --cases 2                  # DICOM CT series + RTSTRUCT per case
 
 Anatomy is defined in patient world coordinates, RAS+ millimetres (+x toward the patient's Left,
 +y Anterior, +z Superior; origin on the midline at the top of the pubic symphysis), sampled onto a
@@ -1164,8 +1165,15 @@ def main():
                         help="train (default) or ood, the held-out style of the generalisation check")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--preview", type=Path, default=None, help="also write a preview PNG here")
+    parser.add_argument("--dicom", action="store_true", help="write DICOM CT series + RTSTRUCT per case instead "
+                                                             "(dicom_export.write_phantom_dicom; --cases default 1)")
     args = parser.parse_args()
     out = args.out or config.DATA_ROOT
+    if args.dicom:
+        import dicom_export
+        dirs = dicom_export.write_phantom_dicom(out, args.cases, args.seed, args.grid, args.style)
+        print(f"{len(dirs)} DICOM cases (CT/ + RS.dcm) in {out}")
+        return
     t0 = time.time()
     try:
         dirs = generate_dataset(out, args.cases, args.seed, args.grid, args.workers, args.style)

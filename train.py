@@ -239,34 +239,6 @@ def save_atomic(obj, path):
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path):
-    """Load a checkpoint dict with a one-line error for a missing, truncated or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found (train first: python run_pipeline.py --train)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated zip, pickle garbage, ...
-        detail = str(exc).strip().split(". ")[0][:160]  # torch appends a paragraph of advice; the cause is enough
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {detail})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path}: not a checkpoint of this pipeline (no model/model_config)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Rebuild the net from the checkpoint's own model_config and load its weights."""
-    try:
-        model = multi_decoder_model.MultiDecoderUNet(**ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError) as exc:
-        lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip()]
-        first = lines[1 if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else 0][:200]  # the cause
-        raise ValueError(f"{path}: weights do not fit this architecture; a checkpoint from another version of "
-                         f"multi_decoder_model.py has to be retrained ({first})") from None
-    return model
-
-
 # --------------------------------------------------------------------------------------------
 # Train and validate
 # --------------------------------------------------------------------------------------------
@@ -482,7 +454,7 @@ def train(resume=False, show_progress=None, stop_after=None):
     log_path = log_dir / "train_log.jsonl"
     start_epoch, best = 0, {"score": None, "epoch": None}
     if resume:
-        ckpt = load_checkpoint(last_path)
+        ckpt = inference.load_checkpoint(last_path)
         if ckpt["model_config"] != model.config:
             raise ValueError(f"{last_path}: built with {ckpt['model_config']}, current settings give {model.config}")
         model.load_state_dict(ckpt["model"])

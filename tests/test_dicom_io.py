@@ -279,6 +279,10 @@ def test_rasterise_edges_holes_islands_and_nesting():
     expect[7:10, 7:9, 1] = 1
     expect[17:19, 0:2, 3] = 1
     assert mask.dtype == np.uint8 and np.array_equal(mask, expect)
+    from nibabel import orientations as nio  # any axis order of the reference grid gives the same voxels
+    ornt = nio.ornt_transform(nio.axcodes2ornt("RAS"), nio.axcodes2ornt("SLP"))
+    reoriented = dicom_io.rasterise([outer, hole, island, other], grid.as_reoriented(ornt))
+    assert np.array_equal(reoriented, nio.apply_orientation(expect, ornt))
     # contours along voxel edges: the volume is exact, not half a voxel short all round (rt-utils #86)
     assert dicom_io.rasterise([square(3, 6, 4, 9, 2, grid)], grid).sum() == 4 * 6
     # 1- and 2-point contours (tiny islands) enclose nothing and are not an error (rt-utils #87)

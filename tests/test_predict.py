@@ -1,4 +1,4 @@
-"""predict.py (and evaluate.py's checkpoint handling): outputs keep the input's geometry; bad inputs fail alone."""
+"""predict.py (and inference.py's checkpoint handling): outputs keep the input's geometry; bad inputs fail alone."""
 import json
 import sys
 import types
@@ -99,14 +99,14 @@ def test_outputs_keep_input_geometry(tmp_path, tiny_checkpoint):
 
 def test_labels_come_back_in_the_input_orientation(tmp_path, tiny_checkpoint, monkeypatch):
     """A predictor that marks one world-space corner must land on the same voxels whatever the storage order."""
-    import evaluate
+    import inference
     import predict
 
     def fake_predict_case(model, ct_img, device):  # label 2 where the world x coordinate (RAS) is largest
         world_x = nib.affines.apply_affine(ct_img.affine, np.indices(ct_img.shape).reshape(3, -1).T)[:, 0]
         return (world_x.reshape(ct_img.shape) > world_x.max() - 1).astype(np.uint8) * 2
 
-    monkeypatch.setattr(evaluate, "predict_case", fake_predict_case)
+    monkeypatch.setattr(inference, "predict_case", fake_predict_case)
     for code in ("RAS", "LAS"):
         src = write_ct(tmp_path / f"{code}.nii.gz", code)
         predict.predict_files([src], tmp_path / "out", tiny_checkpoint)
@@ -131,10 +131,117 @@ def test_unwritable_output_and_bad_checkpoint(tmp_path, tiny_checkpoint):
 
 
 def test_checkpoint_settings_win(tiny_checkpoint, capsys):
-    import evaluate
+    import inference
 
     config.PATCH_SIZE = (64, 64, 64)
     ckpt = torch.load(tiny_checkpoint, weights_only=False)
-    changed = evaluate.use_checkpoint_settings(ckpt)
+    changed = inference.use_checkpoint_settings(ckpt)
     assert config.PATCH_SIZE == (16, 16, 16) and config.TARGET_SPACING == (4.0, 4.0, 4.0)
     assert "PATCH_SIZE" in changed and "PATCH_SIZE" in capsys.readouterr().out
+
+
+def test_predict_needs_neither_evaluate_nor_train():
+    """Checkpoint -> model and CT -> labels live in inference.py: prediction does not depend on evaluation."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for name in ("predict.py", "inference.py", "evaluate.py"):
+        imported = set()
+        for node in ast.walk(ast.parse((root / name).read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module)
+        banned = {"evaluate", "train"} if name != "evaluate.py" else {"train"}
+        assert not imported & banned, (name, imported & banned)
+
+
+def _fake_predict_case(model, ct_img, device):
+    """Bladder (label 2) in a block off the centre, so every DICOM output has a present organ to carry."""
+    labels = np.zeros(ct_img.shape, np.uint8)
+    labels[3:9, 4:12, 2:7] = 2
+    labels[5:7, 6:8, 3:5] = 0  # a hole
+    return labels
+
+
+def test_dicom_outputs_for_nifti_and_dicom_inputs(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """A NIfTI input gets its CT written as a DICOM series for the RTSTRUCT/SEG to reference; a DICOM series
+    input is referenced itself; the round-trip Dice is in volumes.json; a bad DICOM folder fails alone."""
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    import dicom_io
+    import inference
+    import predict
+
+    monkeypatch.setattr(inference, "predict_case", _fake_predict_case)
+    nifti_in = write_ct(tmp_path / "in" / "scan_LAS.nii.gz", "LAS")
+    series_info = dicom_io.write_ct_series(nib.load(str(write_ct(tmp_path / "src.nii.gz", "LPS"))),
+                                           tmp_path / "dicom" / "patient07")
+    bad = tmp_path / "dicom_bad" / "patient08"
+    bad.mkdir(parents=True)
+    (bad / "IM0001.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    out = tmp_path / "out"
+    done, failed = predict.predict_files([nifti_in, tmp_path / "dicom", bad], out, tiny_checkpoint,
+                                         formats=("nifti", "rtstruct", "seg"))
+    assert [p for p, _ in failed] == [bad] and "\n" not in failed[0][1] and "patient08" in failed[0][1]
+    assert sorted(p.name for p, _ in done) == ["patient07", "scan_LAS.nii.gz"]
+
+    for case, own_series in (("scan_LAS", False), ("patient07", True)):
+        record = json.loads((out / case / "volumes.json").read_text())
+        dicom = record["dicom"]
+        assert dicom["rtstruct"]["roundtrip_dice"] == {"prostate": None, "bladder": 1.0, "rectum": None}
+        assert dicom["rtstruct"]["warnings"] == [] and dicom["seg"]["segments"] == ["bladder"]
+        assert ("ct_series" in dicom) != own_series and (out / case / "ct_dicom").is_dir() != own_series
+        rs = pydicom.dcmread(out / case / "rtstruct.dcm")
+        series_uid = series_info.series_uid if own_series else dicom_io.read_ct_series(out / case / "ct_dicom")[1].series_uid
+        ref = rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+        assert ref.SeriesInstanceUID == series_uid == dicom["series_instance_uid"]
+        assert [r.ROIName for r in rs.StructureSetROISequence] == [config.ROI_NAMES["bladder"]]
+        seg = pydicom.dcmread(out / case / "seg.dcm")
+        assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+        assert (out / case / "segmentations" / "bladder.nii.gz").is_file()
+    series_img = nib.load(str(out / "patient07" / "combined_labels.nii.gz"))
+    np.testing.assert_allclose(series_img.affine, dicom_io.read_ct_series(tmp_path / "dicom" / "patient07")[0].affine)
+    console = capsys.readouterr().out
+    assert "rtstruct.dcm written, read back: Dice bladder 1.0000" in console
+    assert "CT written as a DICOM series in ct_dicom/" in console
+
+
+def test_round_trip_warning_reaches_file_and_console(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    pytest.importorskip("pydicom")
+    import dicom_export
+    import inference
+    import predict
+
+    monkeypatch.setattr(inference, "predict_case", _fake_predict_case)
+    real = dicom_export.rtstruct_roundtrip
+
+    def lossy(path, masks, ref_img, frame_of_reference_uid=None):  # as if the file lost voxels on the way
+        return real(path, dict(masks, bladder=np.roll(masks["bladder"], 3, axis=0)), ref_img, frame_of_reference_uid)
+
+    monkeypatch.setattr(dicom_export, "rtstruct_roundtrip", lossy)
+    src = write_ct(tmp_path / "scan_RAS.nii.gz", "RAS")
+    done, failed = predict.predict_files([src], tmp_path / "out", tiny_checkpoint, formats="rtstruct")
+    assert len(done) == 1 and not failed
+    record = json.loads((tmp_path / "out" / "scan_RAS" / "volumes.json").read_text())
+    assert record["dicom"]["rtstruct"]["roundtrip_dice"]["bladder"] < config.ROUNDTRIP_MIN_DICE
+    assert "bladder read back with Dice" in record["dicom"]["rtstruct"]["warnings"][0]
+    assert "predict: warning: rtstruct.dcm: bladder read back with Dice" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "scan_RAS" / "segmentations").exists()  # nifti was not asked for
+
+
+def test_format_option(tmp_path, tiny_checkpoint):
+    import predict
+
+    assert predict.parse_formats("nifti, RTSTRUCT,seg,seg") == ("nifti", "rtstruct", "seg")
+    with pytest.raises(ValueError, match="--format png"):
+        predict.parse_formats("png")
+    with pytest.raises(SystemExit) as exc:
+        predict.main([str(tmp_path), "-o", str(tmp_path / "out"), "--format", "nifti,dicom"])
+    assert exc.value.code == 2
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a nifti file")
+    with pytest.raises(SystemExit) as exc:
+        predict.main([str(bad), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint)])
+    assert exc.value.code == 1

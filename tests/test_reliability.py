@@ -504,7 +504,7 @@ def test_preprocessing_killed_then_rerun_matches_clean_run(tmp_path):
 
 
 def test_training_killed_then_resumed_to_the_end(tmp_path):
-    import train
+    import inference
 
     data = tmp_path / "data"
     for i in range(1, 5):
@@ -521,7 +521,7 @@ def test_training_killed_then_resumed_to_the_end(tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(ckpt_dir / "checkpoint_last.pth", proc)
     kill9(proc)
-    killed_at = train.load_checkpoint(ckpt_dir / "checkpoint_last.pth")["epoch"]  # whole, whatever the moment
+    killed_at = inference.load_checkpoint(ckpt_dir / "checkpoint_last.pth")["epoch"]  # whole, whatever the moment
     assert 1 <= killed_at < epochs
 
     with open(tmp_path / "logs" / "train_log.jsonl", "a") as fh:  # as if killed while writing a log line
@@ -535,9 +535,9 @@ def test_training_killed_then_resumed_to_the_end(tmp_path):
     assert resumed_from >= killed_at  # the last whole checkpoint (a later one may have landed after our read)
     assert f"epoch {resumed_from + 1}/{epochs}" in resumed.stdout and f"epoch {epochs}/{epochs}" in resumed.stdout
     for path in sorted(ckpt_dir.glob("*.pth")):
-        ckpt = train.load_checkpoint(path)
-        train.model_from_checkpoint(ckpt, path)
-    assert train.load_checkpoint(ckpt_dir / "checkpoint_last.pth")["epoch"] == epochs
+        ckpt = inference.load_checkpoint(path)
+        inference.model_from_checkpoint(ckpt, path)
+    assert inference.load_checkpoint(ckpt_dir / "checkpoint_last.pth")["epoch"] == epochs
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best_model.pth", "checkpoint_last.pth"]
     log = [json.loads(l) for l in (tmp_path / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log] == list(range(1, epochs + 1))  # nothing lost, nothing twice
