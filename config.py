@@ -47,7 +47,7 @@ EVAL_DIR = OUTPUT_ROOT / "evaluation_results"  # metrics_per_case.csv, summary_s
 ANALYSIS_DIR = OUTPUT_ROOT / "analysis"  # figures and report.md
 
 # --- Synthetic phantom (the embedded default dataset) -------------------------------------
-PHANTOM_CASES = 36  # cases generated when DATA_ROOT holds no BDMAP_* folder
+PHANTOM_CASES = 48  # cases generated when DATA_ROOT holds no BDMAP_* folder (about a third show no pelvis)
 PHANTOM_SEED = 0  # same seed, same arrays
 PHANTOM_GRID = "demo"  # "demo": coarse voxels for CPU runs; "ct": clinical in-plane 0.6-1.0 mm
 
