@@ -51,6 +51,14 @@ PHANTOM_CASES = 36  # cases generated when DATA_ROOT holds no BDMAP_* folder
 PHANTOM_SEED = 0  # same seed, same arrays
 PHANTOM_GRID = "demo"  # "demo": coarse voxels for CPU runs; "ct": clinical in-plane 0.6-1.0 mm
 
+# --- Generalisation check: held out, never used to train, tune or pick a checkpoint -------------
+HELDOUT_DATA_ROOT = OUTPUT_ROOT / "data_heldout"  # phantoms of the held-out "ood" style (phantom.STYLES)
+HELDOUT_CASES = 12  # written once by run_pipeline's eval stage; 0 skips the check
+HELDOUT_SEED = 1000  # never the training phantom's seed
+EMPTY_CTS = tuple(str(p) for p in (REPO.parent / "shared" / "realdata" / name for name in (
+    "aorta_ct_cropped.nii.gz", "pulm_ct_cropped.nii.gz", "ct_dicom_thorax")) if p.exists())  # real chest CTs
+# (two NIfTI, one DICOM series): nothing pelvic to find, so any predicted voxel is a false organ
+
 # --- Preprocessing --------------------------------------------------------------------------
 TARGET_SPACING = (1.5, 1.5, 1.5)  # mm, [x, y, z]; set by the profile
 HU_CLIP = (-200.0, 400.0)  # HU window; normalised intensity = (clip(HU) - centre) / half-width
@@ -85,6 +93,9 @@ SW_BATCH = 2  # windows per forward pass
 TTA_MIRROR = False  # average over left-right mirroring
 LARGEST_COMPONENT = "auto"  # largest connected component per organ: "on", "off", or "auto" = decided on the
                             # validation split during training and stored in the checkpoint
+PRESENCE_RULE = "auto"  # "auto": an organ predicted smaller than a minimum volume is absent, the minimum per organ
+                        # decided on the validation split during training and stored in the checkpoint; "off"
+MIN_ORGAN_ML = {}  # that decision (mL per organ, model space); set from the checkpoint by evaluate and predict
 
 # --- Device profiles: applied before command-line overrides ---------------------------------
 PROFILE = "auto"  # "auto" (gpu if CUDA else cpu), "cpu" or "gpu"
@@ -182,7 +193,8 @@ def apply_overrides(pairs):
         parsed[name] = _parse(name, text, getattr(mod, name))
     if "OUTPUT_ROOT" in parsed:
         for key, sub in (("PROCESSED_DIR", "processed"), ("CHECKPOINT_DIR", "checkpoints"), ("LOG_DIR", "logs"),
-                         ("EVAL_DIR", "evaluation_results"), ("ANALYSIS_DIR", "analysis")):
+                         ("EVAL_DIR", "evaluation_results"), ("ANALYSIS_DIR", "analysis"),
+                         ("HELDOUT_DATA_ROOT", "data_heldout")):
             parsed.setdefault(key, parsed["OUTPUT_ROOT"] / sub)
     for name, value in parsed.items():
         setattr(mod, name, value)
