@@ -413,18 +413,20 @@ def read_ct_series(folder, series_uid=None, verbose=False, scan=None):
         notes.append(f"ignored {', '.join(ignored)} file(s)")
     order, affine_lps, spacing = stack_geometry(items, folder)
     items = [items[i] for i in order]
-    hu = np.empty((int(items[0][1].Columns), int(items[0][1].Rows), len(items)), dtype=np.float64)
-    for k, (path, _) in enumerate(items):
+    data = np.empty((int(items[0][1].Columns), int(items[0][1].Rows), len(items)), dtype=np.int16)
+    fractions, lo, hi = False, np.inf, -np.inf
+    for k, (path, _) in enumerate(items):  # one slice at a time in float64: a 512x512x300 float volume is 630 MB
         s = _slice_hu(path)
-        if s.shape != hu.shape[1::-1]:
-            raise DicomError(path, f"pixel array {s.shape} does not match Rows x Columns {hu.shape[1::-1]}")
-        hu[:, :, k] = s.T  # [row, column] -> [column i, row j]
-    rounded = np.rint(hu)
-    if np.max(np.abs(rounded - hu)) > 1e-3:
+        if s.shape != data.shape[1::-1]:
+            raise DicomError(path, f"pixel array {s.shape} does not match Rows x Columns {data.shape[1::-1]}")
+        rounded = np.rint(s)
+        fractions |= bool(np.max(np.abs(rounded - s)) > 1e-3)
+        lo, hi = min(lo, float(rounded.min())), max(hi, float(rounded.max()))
+        data[:, :, k] = np.clip(rounded, -32768, 32767).T  # [row, column] -> [column i, row j]
+    if fractions:
         notes.append("HU rounded to whole numbers (RescaleSlope/Intercept gave fractions)")
-    if rounded.min() < -32768 or rounded.max() > 32767:
-        notes.append(f"HU clipped to int16 (range was {rounded.min():g}..{rounded.max():g})")
-    data = np.clip(rounded, -32768, 32767).astype(np.int16)
+    if lo < -32768 or hi > 32767:
+        notes.append(f"HU clipped to int16 (range was {lo:g}..{hi:g})")
     data, affine, ornt = _to_canonical(data, LPS_TO_RAS @ affine_lps)
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm")
