@@ -26,6 +26,7 @@ from nibabel import orientations as nio
 
 import config
 import metrics
+import status
 from fileio import pyplot, save_figure, save_nifti_atomic, write_text_atomic
 
 CHECKPOINT_SETTINGS = ("TARGET_SPACING", "PATCH_SIZE", "HU_CLIP")  # taken from the checkpoint, not today's config
@@ -139,7 +140,7 @@ def _cell(value):
 def write_csv(rows, path, organs):
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    cols = metrics.csv_columns(organs)
+    cols = metrics.csv_columns(organs) + status.csv_columns(organs)
     writer.writerow(cols)
     for row in rows:
         writer.writerow([_cell(row.get(c)) for c in cols])
@@ -190,6 +191,8 @@ def report_markdown(summary, rows, failed, notes, plots, organs):
             d = row[f"dice_{organ}"]
             cells.append(f"{row[f'status_{organ}']}" + ("" if d is None else f" {d:.3f}"))
         lines.append(f"| {row['case_id']} | " + " | ".join(cells) + " |")
+    if summary.get("status"):
+        lines += [""] + status.report_markdown(summary["status"])
     if plots:
         lines += ["", "## Figures", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -381,6 +384,7 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None):
     organs = tuple(ckpt["model_config"].get("organs", config.ORGANS))
     if tuple(organs) != tuple(config.ORGANS):
         print(f"note: checkpoint organs {organs} (current config has {tuple(config.ORGANS)})")
+    thresholds = status.thresholds_of(ckpt)
     case_ids = split_cases(split)
     root = data_root()
     out_dir = Path(config.EVAL_DIR)
@@ -395,6 +399,7 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None):
         try:
             case = preprocessing.read_case(root / cid)
             pred = predict_case(model, case["ct"], device)
+            pred, assessment = status.assess(case["ct"], pred, model, device, thresholds, organs)
         except (preprocessing.CaseError, FileNotFoundError) as exc:
             failed.append((cid, str(exc)))
             print(f"evaluate: skipped {cid}: {exc}")
@@ -402,11 +407,13 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None):
         ct = case["ct"]
         save_nifti_atomic(nib.Nifti1Image(pred, ct.affine), pred_dir / f"{cid}.nii.gz")
         rows.append(metrics.case_metrics(pred, case["masks"], header_spacing(ct), case_id=cid, organs=organs))
+        rows[-1].update(status.row_fields(assessment, status.true_status(root / cid, case["masks"], organs), organs))
 
     summary = metrics.summarize(rows, organs=organs, checkpoint=ckpt_path)
     summary.update(split=split, data_root=str(root), failed=[{"case_id": c, "reason": r} for c, r in failed],
                    seconds=time.time() - t0, checkpoint_epoch=ckpt.get("epoch"),
-                   settings_from_checkpoint={k: list(v[1]) for k, v in changed.items()})
+                   settings_from_checkpoint={k: list(v[1]) for k, v in changed.items()},
+                   status=status.summarize(rows, organs))
     write_csv(rows, out_dir / "metrics_per_case.csv", organs)
     write_text_atomic(out_dir / "summary_statistics.json", json.dumps(summary, indent=2))
     names = make_plots(rows, organs, out_dir, root, pred_dir) if plots and rows else []

@@ -5,7 +5,8 @@ Usage:
     python predict.py /data/AbdomenAtlas -o OUT        # a folder of BDMAP_*/ct.nii.gz cases
 
 Writes OUT/<case>/segmentations/{prostate,bladder,rectum}.nii.gz (uint8 0/1), OUT/<case>/combined_labels.nii.gz
-(uint8, AbdomenAtlas values config.LABEL_VALUES) and OUT/<case>/volumes.json (mL per organ, present or absent).
+(uint8, AbdomenAtlas values config.LABEL_VALUES) and OUT/<case>/volumes.json (mL, status and quality flags per
+organ, see status.py); --preview adds OUT/<case>/preview.png (axial, coronal, sagittal through the organs).
 <case> is the folder name for .../<folder>/ct.nii.gz (AbdomenAtlas layout), otherwise the file name without
 .nii(.gz). Outputs keep the input's shape, affine, qform and sform. The net and TARGET_SPACING / PATCH_SIZE /
 HU_CLIP come from the checkpoint. A bad file gives a one-line error and the others are still processed; the
@@ -84,8 +85,9 @@ def like_input(data, original):
     return img
 
 
-def write_outputs(labels, original, case_dir, organs):
-    """Per-organ masks, combined_labels and volumes.json for one case (files replaced atomically)."""
+def write_outputs(labels, original, case_dir, organs, assessment=None):
+    """Per-organ masks, combined_labels and volumes.json for one case (files replaced atomically); `assessment`
+    (status.assess) adds each organ's status and flags, and the pelvis landmark."""
     seg_dir = Path(case_dir) / "segmentations"
     seg_dir.mkdir(parents=True, exist_ok=True)
     spacing = [float(z) for z in original.header.get_zooms()[:3]]
@@ -98,13 +100,17 @@ def write_outputs(labels, original, case_dir, organs):
         combined[mask] = config.LABEL_VALUES[organ]
         n = int(mask.sum())
         volumes[organ] = {"present": n > 0, "ml": n * voxel_ml, "voxels": n}
+        if assessment is not None:
+            volumes[organ] = dict(assessment["organs"][organ], **volumes[organ])
     save_nifti_atomic(like_input(combined, original), Path(case_dir) / "combined_labels.nii.gz")
     record = {"spacing_mm": spacing, "shape": list(labels.shape), "organs": volumes}
+    if assessment is not None:
+        record.update(pelvis=assessment["pelvis"], scan_z_mm=assessment["scan_z_mm"])
     write_text_atomic(Path(case_dir) / "volumes.json", json.dumps(record, indent=2))
     return volumes
 
 
-def predict_files(paths, out_dir, checkpoint=None, show_progress=None):
+def predict_files(paths, out_dir, checkpoint=None, show_progress=None, preview=False):
     """Segment every CT in `paths` (files or folders) into out_dir/<case>/; returns (done, failed) where done is
     [(input path, case folder)] and failed is [(input path, one-line reason)].
 
@@ -112,6 +118,7 @@ def predict_files(paths, out_dir, checkpoint=None, show_progress=None):
     """
     import evaluate
     import preprocessing
+    import status
     from tqdm import tqdm
 
     out_dir = check_writable(out_dir)
@@ -119,6 +126,7 @@ def predict_files(paths, out_dir, checkpoint=None, show_progress=None):
     model, ckpt, _ = evaluate.load_model(checkpoint, device)
     evaluate.use_checkpoint_settings(ckpt)
     organs = tuple(ckpt["model_config"].get("organs", config.ORGANS))
+    thresholds = status.thresholds_of(ckpt)
     files = collect_inputs(paths)
     done, failed, seen = [], [], {}
     if show_progress is None:
@@ -133,16 +141,18 @@ def predict_files(paths, out_dir, checkpoint=None, show_progress=None):
             ct = preprocessing.load_ct(path)  # checks the file; one-line CaseError otherwise
             labels = evaluate.predict_case(model, ct, device)
             original = nib.load(str(path))  # header with the file's own qform/sform
+            labels, assessment = status.assess(ct, labels, model, device, thresholds, organs)
             case_dir = out_dir / name
-            volumes = write_outputs(labels, original, case_dir, organs)
+            volumes = write_outputs(labels, original, case_dir, organs, assessment)
+            if preview:
+                status.preview_png(ct, labels, organs, case_dir / "preview.png", status.console_line(name, volumes))
         except (ValueError, OSError) as exc:  # CaseError is a ValueError
             failed.append((path, str(exc)))
             tqdm.write(f"predict: failed {exc}" if str(path) in str(exc) else f"predict: failed {path}: {exc}")
             continue
         seen[name] = path
         done.append((path, case_dir))
-        found = ", ".join(f"{o} {v['ml']:.1f} mL" if v["present"] else f"{o} absent" for o, v in volumes.items())
-        tqdm.write(f"predict: {name}: {found}")
+        tqdm.write(f"predict: {status.console_line(name, volumes)}")
     return done, failed
 
 
@@ -151,10 +161,11 @@ def main(argv=None):
     parser.add_argument("inputs", nargs="+", type=Path, help="CT .nii/.nii.gz files or folders")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: CHECKPOINT_DIR/best_model.pth")
+    parser.add_argument("--preview", action="store_true", help="write <case>/preview.png (3 views, organ outlines)")
     args, rest = parser.parse_known_args(argv)
     try:
         config.configure(rest)
-        done, failed = predict_files(args.inputs, args.out, args.checkpoint)
+        done, failed = predict_files(args.inputs, args.out, args.checkpoint, preview=args.preview)
     except (ValueError, FileNotFoundError) as exc:
         sys.exit(f"predict: {exc}")
     print(f"predict: {len(done)} done, {len(failed)} failed -> {args.out}")
