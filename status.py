@@ -18,10 +18,10 @@ Status rule (the README has the same text):
      (further apart) do not.
   2. No pelvis in the scan: every organ is `not_imaged` and its prediction is removed (a bladder in a chest
      scan is not a bladder).
-  3. Pelvis found: each organ's centre lies in STATUS_ORGAN_Z_MM (mm above the femoral heads' height). An organ
-     predicted on the CT grid is `partially_imaged` when its mask touches a face of the grid (its volume is then
-     a lower bound), else `present`. An organ not predicted is `absent` when at least STATUS_MIN_REGION_IN_SCAN
-     of its expected range lies inside the scan's z-extent, else `not_imaged`.
+  3. Pelvis found: an organ predicted on the CT grid is `partially_imaged` when its mask touches a face of the
+     grid (its volume is then a lower bound), else `present`. An organ not predicted is `absent` when its
+     expected centre, STATUS_ORGAN_CENTRE_MM above the femoral heads' centres, lies inside the scan's z-extent
+     (voxel centres), else `not_imaged`. (The flag outside_region uses the wider STATUS_ORGAN_Z_MM.)
 
 Flags: each a short code and a one-line reason (FLAGS). Their thresholds are fitted on the validation split by
 fit_thresholds() (train.py calls it after training) and stored in the checkpoint under "status_thresholds";
@@ -159,24 +159,22 @@ def touches_edge(mask):
     return any(mask[i].any() or mask[:, i].any() or mask[:, :, i].any() for i in (0, -1))
 
 
-def region_in_scan(organ, pelvis, scan_z):
-    """Share (0..1) of the organ's expected centre range (STATUS_ORGAN_Z_MM above the femoral heads) that lies
-    inside the scan's z-extent; 0 when no pelvis was found."""
+def centre_in_scan(organ, pelvis, scan_z):
+    """True when the organ's expected centre (STATUS_ORGAN_CENTRE_MM above the femoral heads) lies inside the
+    scan's z-extent; False when no pelvis was found."""
     if not pelvis.get("found"):
-        return 0.0
-    lo, hi = (pelvis["z_mm"] + d for d in config.STATUS_ORGAN_Z_MM[organ])
-    inside = max(0.0, min(hi, scan_z[1]) - max(lo, scan_z[0]))
-    return inside / (hi - lo)
+        return False
+    return scan_z[0] <= pelvis["z_mm"] + config.STATUS_ORGAN_CENTRE_MM[organ] <= scan_z[1]
 
 
-def organ_status(predicted, at_edge, coverage, pelvis_found):
-    """The status rule (module docstring) for one organ: predicted and at_edge on the CT grid, coverage from
-    region_in_scan()."""
+def organ_status(predicted, at_edge, centre_imaged, pelvis_found):
+    """The status rule (module docstring) for one organ: predicted and at_edge on the CT grid, centre_imaged
+    from centre_in_scan()."""
     if not pelvis_found:
         return "not_imaged"
     if predicted:
         return "partially_imaged" if at_edge else "present"
-    return "absent" if coverage >= config.STATUS_MIN_REGION_IN_SCAN else "not_imaged"
+    return "absent" if centre_imaged else "not_imaged"
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +265,7 @@ def raw_measures(ct_img, labels, organs, evidence):
         mask = labels == k
         n = int(mask.sum())
         e = dict(voxels=n, ml=n * voxel_ml, at_edge=bool(n and touches_edge(mask)), centroid_mm=None,
-                 components_ml=[], coverage=region_in_scan(organ, pelvis, scan_z))
+                 components_ml=[], centre_imaged=centre_in_scan(organ, pelvis, scan_z))
         if n:
             e["centroid_mm"] = [float(v) for v in affine[:3, :3] @ np.argwhere(mask).mean(0) + affine[:3, 3]]
             e["components_ml"] = _components_ml(mask, voxel_ml)
@@ -334,7 +332,7 @@ def decide(measures, thresholds):
     found = bool(measures["pelvis"].get("found"))
     report = {}
     for organ, e in measures["organs"].items():
-        status = organ_status(e["voxels"] > 0, e["at_edge"], e["coverage"], found)
+        status = organ_status(e["voxels"] > 0, e["at_edge"], e["centre_imaged"], found)
         entry = {"status": status, "ml": e["ml"] if status != "not_imaged" else 0.0,
                  "flags": organ_flags(organ, e, measures, status, thresholds)}
         if status == "not_imaged" and e["voxels"]:

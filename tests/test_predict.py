@@ -107,6 +107,7 @@ def test_labels_come_back_in_the_input_orientation(tmp_path, tiny_checkpoint, mo
         return (world_x.reshape(ct_img.shape) > world_x.max() - 1).astype(np.uint8) * 2
 
     monkeypatch.setattr(evaluate, "predict_case", fake_predict_case)
+    monkeypatch.setattr(config, "STATUS_CLEAR_NOT_IMAGED", False)  # no pelvis in this CT: keep the fake bladder
     for code in ("RAS", "LAS"):
         src = write_ct(tmp_path / f"{code}.nii.gz", code)
         predict.predict_files([src], tmp_path / "out", tiny_checkpoint)

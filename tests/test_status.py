@@ -72,20 +72,20 @@ def test_no_femoral_heads(kwargs, why):
 
 # --- Status -----------------------------------------------------------------------------------
 def test_status_rule_table():
-    assert status.organ_status(True, False, 1.0, True) == "present"
-    assert status.organ_status(True, True, 1.0, True) == "partially_imaged"
-    assert status.organ_status(False, False, 1.0, True) == "absent"
-    assert status.organ_status(False, False, 0.1, True) == "not_imaged"
-    assert status.organ_status(True, False, 1.0, False) == "not_imaged"  # no pelvis: whatever was predicted
+    assert status.organ_status(True, False, True, True) == "present"
+    assert status.organ_status(True, True, True, True) == "partially_imaged"
+    assert status.organ_status(False, False, True, True) == "absent"
+    assert status.organ_status(False, False, False, True) == "not_imaged"
+    assert status.organ_status(True, False, True, False) == "not_imaged"  # no pelvis: whatever was predicted
 
 
-def test_region_in_scan():
-    config.STATUS_ORGAN_Z_MM = {"prostate": (-60.0, 20.0)}
-    pelvis = {"found": True, "z_mm": 0.0}
-    assert status.region_in_scan("prostate", pelvis, (-200.0, 200.0)) == 1.0
-    assert status.region_in_scan("prostate", pelvis, (-20.0, 200.0)) == pytest.approx(0.5)
-    assert status.region_in_scan("prostate", pelvis, (30.0, 200.0)) == 0.0
-    assert status.region_in_scan("prostate", {"found": False}, (-200.0, 200.0)) == 0.0
+def test_centre_in_scan():
+    config.STATUS_ORGAN_CENTRE_MM = {"prostate": -35.0}
+    pelvis = {"found": True, "z_mm": 5.0}
+    assert status.centre_in_scan("prostate", pelvis, (-200.0, 200.0))
+    assert status.centre_in_scan("prostate", pelvis, (-30.0, 200.0))
+    assert not status.centre_in_scan("prostate", pelvis, (-29.0, 200.0))
+    assert not status.centre_in_scan("prostate", {"found": False}, (-200.0, 200.0))
 
 
 def test_assess_each_status_on_hand_made_scans():
@@ -121,7 +121,7 @@ THRESHOLDS = {"volume_ml": {"prostate": [10.0, 60.0], "bladder": [50.0, 500.0], 
 def organ(ml=30.0, centre=(0.0, 0.0, 0.0), **kw):
     e = dict(voxels=int(ml * 100), ml=ml, at_edge=False, centroid_mm=None if centre is None else list(centre),
              components_ml=[ml] if ml else [],
-             confidence=0.9, mirror_dice=0.95, mirror_ml=ml, peak_probability=0.99, coverage=1.0)
+             confidence=0.9, mirror_dice=0.95, mirror_ml=ml, peak_probability=0.99, centre_imaged=True)
     e.update(kw)
     return e
 
