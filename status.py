@@ -6,6 +6,7 @@ Usage (library; predict.py and evaluate.py call it):
     python status.py --fit [--checkpoint PATH]       # fit the flag thresholds on the val split, store them
     python status.py --measure evaluation_results/metrics_per_case.csv [more.csv]   # flags vs bad results
     python status.py --landmarks CT.nii.gz [...]     # where the femoral heads were found (or not)
+    python status.py --check-rule DATA_ROOT          # the rule on the reference masks vs the phantom's truth
 
 Status rule (the README has the same text):
   1. Pelvis landmark: the two femoral heads, searched in the HU image (model space: RAS, coarse grid). Bone is
@@ -653,12 +654,39 @@ def read_rows(paths):
     return rows
 
 
+def check_rule(data_root):
+    """The status rule applied to the reference masks themselves (a perfect segmenter) on every case of a
+    labelled folder whose meta.json holds the true status: isolates the landmark and the rule from the model.
+    Returns (summary, mismatches)."""
+    import preprocessing
+
+    rows, mismatches = [], []
+    organs = tuple(config.ORGANS)
+    for case_dir in preprocessing.find_cases(data_root):
+        case = preprocessing.read_case(case_dir)
+        labels = np.zeros(case["ct"].shape, np.uint8)
+        for k, organ in enumerate(organs, start=1):
+            if case["masks"][organ] is not None:
+                labels[case["masks"][organ] > 0] = k
+        _, report = assess(case["ct"], labels, None, "cpu", dict(config.STATUS_DEFAULT_THRESHOLDS), organs)
+        truth = true_status(case_dir, case["masks"], organs)
+        rows.append(row_fields(report, truth, organs))
+        for organ in organs:
+            if truth[organ] != report["organs"][organ]["status"]:
+                mismatches.append(f"{case_dir.name} {organ}: true {truth[organ]}, rule "
+                                  f"{report['organs'][organ]['status']} (pelvis {report['pelvis']}, scan z "
+                                  f"{report['scan_z_mm']})")
+    return summarize(rows, organs), mismatches
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit", action="store_true", help="fit the flag thresholds on the val split")
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: CHECKPOINT_DIR/best_model.pth")
     parser.add_argument("--measure", nargs="+", type=Path, metavar="CSV", help="metrics_per_case.csv files")
     parser.add_argument("--landmarks", nargs="+", type=Path, metavar="CT", help="report the femoral heads")
+    parser.add_argument("--check-rule", type=Path, metavar="DATA_ROOT",
+                        help="status rule on the reference masks vs the true status in each meta.json")
     args, rest = parser.parse_known_args(argv)
     try:
         config.configure(rest)
@@ -668,6 +696,9 @@ def main(argv=None):
             rows = read_rows(args.measure)
             organs = [c[len("pred_status_"):] for c in rows[0] if c.startswith("pred_status_")] if rows else []
             print("\n".join(report_markdown(summarize(rows, organs))))
+        if args.check_rule:
+            summary, mismatches = check_rule(args.check_rule)
+            print("\n".join(report_markdown(summary)[:12] + mismatches))
         for path in args.landmarks or []:
             import preprocessing
             img = preprocessing.load_ct(path)
@@ -676,7 +707,7 @@ def main(argv=None):
             print(f"{path}: scan z {scan_z_extent(img)} mm; femoral heads {heads}")
     except (ValueError, FileNotFoundError, OSError) as exc:
         sys.exit(f"status: {exc}")
-    if not (args.fit or args.measure or args.landmarks):
+    if not (args.fit or args.measure or args.landmarks or args.check_rule):
         parser.print_help()
 
 

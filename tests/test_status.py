@@ -262,9 +262,9 @@ def test_true_status_from_meta_or_masks(tmp_path):
 def test_predict_writes_status_schema_and_preview(tmp_path, tiny_checkpoint, capsys):  # noqa: F811
     import predict
 
-    config.AMP = False
+    config.AMP, config.SW_OVERLAP, config.SW_BATCH = False, 0.0, 8  # few windows: this test is about the outputs
     src = tmp_path / "scan.nii.gz"
-    nib.save(make_ct(flip_x=True), str(src))
+    nib.save(make_ct(flip_x=True, shape=(80, 50, 30)), str(src))
     done, failed = predict.predict_files([src], tmp_path / "out", tiny_checkpoint, preview=True)
     assert not failed and len(done) == 1
     out = capsys.readouterr().out
