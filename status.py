@@ -589,13 +589,18 @@ def fit_thresholds(checkpoint, split="val", show_progress=None):
 
 
 def fit_thresholds_safely(checkpoint, split="val"):
-    """fit_thresholds() for train.py: a failure costs the fitted thresholds (defaults are used), not the run."""
+    """fit_thresholds() for train.py: a failure costs the fitted thresholds (defaults are used), not the run; the
+    settings it takes from the checkpoint are put back afterwards, so training's own config is left as it was."""
+    saved = {name: getattr(config, name) for name in dir(config) if name.isupper()}
     try:
         return fit_thresholds(checkpoint, split)
     except (ValueError, OSError, KeyError) as exc:
         print(f"status: flag thresholds not fitted ({exc}); evaluation and prediction will use "
               "config.STATUS_DEFAULT_THRESHOLDS")
         return None
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
 
 
 # --------------------------------------------------------------------------------------------
