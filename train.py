@@ -382,11 +382,28 @@ def largest_component_decision(val):
     return val["score_largest_component"] is not None and val["score_largest_component"] > val["score"]
 
 
-def postprocess_decision(val):
+def organ_volume_floor(case_ids):
+    """{organ: PRESENCE_FLOOR x the smallest volume (mL) of that organ in these cases, organs cut by the scan
+    edge left out}: no real organ is that small, so the presence rule never keeps less (0 when none is seen)."""
+    floor = {}
+    for organ in config.ORGANS:
+        vols = []
+        for cid in case_ids:
+            meta = json.loads((Path(config.PROCESSED_DIR) / "cases" / cid / "meta.json").read_text())
+            entry = (meta.get("organs") or {}).get(organ) or {}
+            if entry.get("present") and not entry.get("touches_fov_edge"):
+                vols.append(float(entry["ml"]))
+        floor[organ] = round(config.PRESENCE_FLOOR * min(vols), 3) if vols else 0.0
+    return floor
+
+
+def postprocess_decision(val, floor_ml=None):
     """Clean-up decided on the validation split: (keep largest component, {organ: minimum mL}, score).
 
-    The score is the selection score after both rules, so the best checkpoint is the one that is best once
-    cleaned up, and a false organ the rules remove no longer costs it anything."""
+    The minimum is never below floor_ml[organ] (organ_volume_floor of the training split). The score is the
+    selection score after both rules, so the best checkpoint is the one that is best once cleaned up, and a
+    false organ the rules remove no longer costs it anything."""
+    floor_ml = floor_ml or {}
     keep = largest_component_decision(val)
     voxel_ml = float(np.prod(config.TARGET_SPACING)) / 1000.0
     min_ml, scores = {}, []
@@ -394,6 +411,9 @@ def postprocess_decision(val):
         overlaps = val["overlap"][keep][organ]
         ml, score = presence_decision(overlaps, voxel_ml) if config.PRESENCE_RULE == "auto" else (
             0.0, _organ_score(overlaps, 0))
+        floor = floor_ml.get(organ, 0.0) if config.PRESENCE_RULE == "auto" else 0.0
+        if floor > ml:
+            ml, score = floor, _organ_score(overlaps, floor / voxel_ml)
         min_ml[organ] = round(ml, 3)
         if score is not None:
             scores.append(score)
@@ -446,6 +466,7 @@ def train(resume=False, show_progress=None, stop_after=None):
         raise ValueError(f"{Path(config.PROCESSED_DIR) / 'splits.json'}: the train split is empty")
     gen = torch.Generator().manual_seed(config.SEED + 1000 * rank)  # each rank draws its own patches
     sampler = PatchSampler(splits["train"], config.PROCESSED_DIR, config.PATCH_SIZE, gen)
+    floor_ml = organ_volume_floor(splits["train"])
 
     model = multi_decoder_model.build_model_from_config().to(device).to(memory_format=torch.channels_last_3d)
     optimizer = make_optimizer(model)
@@ -503,7 +524,7 @@ def train(resume=False, show_progress=None, stop_after=None):
         if main_rank:
             if epoch % config.VAL_EVERY == 0 or epoch == config.EPOCHS:
                 val = validate(model, splits.get("val") or splits["train"][:2], device)
-                keep, min_ml, score = postprocess_decision(val)
+                keep, min_ml, score = postprocess_decision(val, floor_ml)
                 val.pop("overlap")
                 entry.update(val, score_cleaned=score, min_organ_ml=min_ml)
                 if score is not None and (best["score"] is None or score > best["score"]):

@@ -176,3 +176,22 @@ def test_drop_small_organs_applies_the_rule():
     out = inference.drop_small_organs(labels, {"prostate": 10.0, "bladder": 10.0}, voxel_ml=1.0)
     assert (out == 1).sum() == 0 and (out == 2).sum() == 125
     assert np.array_equal(inference.drop_small_organs(labels, {}, 1.0), labels)
+
+
+def test_presence_floor_from_the_training_split(tmp_path, monkeypatch):
+    import train
+    monkeypatch.setattr(config, "PROCESSED_DIR", tmp_path)
+    for cid, ml, edge in (("a", 40.0, False), ("b", 12.0, False), ("c", 2.0, True)):  # c is cut by the edge
+        (tmp_path / "cases" / cid).mkdir(parents=True)
+        organs = {"bladder": {"present": True, "ml": ml, "touches_fov_edge": edge},
+                  "prostate": {"present": False, "ml": 0.0}}
+        (tmp_path / "cases" / cid / "meta.json").write_text(json.dumps({"organs": organs}))
+    floor = train.organ_volume_floor(["a", "b", "c"])
+    assert floor == {"prostate": 0.0, "bladder": pytest.approx(config.PRESENCE_FLOOR * 12.0), "rectum": 0.0}
+    # the floor wins over a smaller validation cut (here 0: nothing false to remove); the true bladder stays
+    val = {"overlap": {False: {"prostate": [], "bladder": [(50, 50, 45), (0, 0, 0)], "rectum": []}},
+           "score": None, "score_largest_component": None}
+    monkeypatch.setattr(config, "LARGEST_COMPONENT", "off")
+    monkeypatch.setattr(config, "TARGET_SPACING", (10.0, 10.0, 10.0))  # 1 voxel = 1 mL
+    keep, min_ml, score = train.postprocess_decision(val, {"bladder": 1.2})
+    assert keep is False and min_ml["bladder"] == 1.2 and score == pytest.approx(0.9)
