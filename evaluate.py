@@ -219,7 +219,8 @@ def boxplot(rows, organs, name, ylabel, path, title):
     data = [_values(rows, o, name) for o in organs]
     rng = np.random.default_rng(0)
     positions = [i + 1 for i, d in enumerate(data) if d]
-    ax.boxplot([d for d in data if d], positions=positions, widths=0.5, showfliers=False)
+    if positions:  # none when nothing was detected (e.g. every organ not imaged)
+        ax.boxplot([d for d in data if d], positions=positions, widths=0.5, showfliers=False)
     for i, (organ, d) in enumerate(zip(organs, data), start=1):
         if d:
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=14, color=COLORS.get(organ, "k"), alpha=0.7,
