@@ -726,6 +726,42 @@ def section_generalisation(out_dir):
     return lines
 
 
+def section_status(inputs):
+    """Organ status and quality flags (status.py) on the test split and the generalisation check."""
+    import status
+
+    lines = ["## Organ status and quality flags", ""]
+    rows = [r for r in inputs["rows"] or [] if any(k.startswith("pred_status_") for k in r)]
+    if not rows:
+        return lines + ["_No status columns in `metrics_per_case.csv` (evaluated before status.py existed)._", ""]
+    counts = []
+    for organ in config.ORGANS:
+        got = [r.get(f"pred_status_{organ}") for r in rows]
+        flags = [c for r in rows for c in (r.get(f"flags_{organ}") or "").split(";") if c]
+        counts.append([organ] + [got.count(s) for s in status.STATUSES]
+                      + [", ".join(f"{c} {flags.count(c)}" for c in sorted(set(flags))) or "–"])
+    lines += ["Predicted status per organ on the test split, and how often each flag was raised:", ""]
+    lines += table(("organ",) + status.STATUSES + ("flags",), counts)
+    sets = [("test split", (inputs["summary"] or {}).get("status"))]
+    held = Path(config.EVAL_DIR) / "heldout" / "summary_statistics.json"
+    if held.is_file():
+        try:
+            sets.append(("generalisation check", json.loads(held.read_text()).get("status")))
+        except ValueError:
+            pass
+    summary_rows = []
+    for name, s in sets:
+        if s:
+            pct = lambda a, b: f"{a}/{b}" + (f" ({100 * a / b:.0f} %)" if b else "")  # noqa: E731
+            summary_rows.append((name, pct(s["status_correct"], s["status_known"]), pct(s["bad_flagged"], s["bad"]),
+                                 pct(s["good_flagged"], s["good"])))
+    if summary_rows:
+        lines += [f"Status accuracy where the true status is known; flags: {sets[0][1]['rule'] if sets[0][1] else ''}.",
+                  ""]
+        lines += table(("cases", "status correct", "bad results flagged", "good results flagged"), summary_rows)
+    return lines
+
+
 def section_caveats(inputs):
     phantom = inputs["phantom"]
     lines = ["## Caveats", ""]
@@ -760,6 +796,7 @@ def render_markdown(inputs, figures, out_dir):
     lines += section_training(inputs, figures, out_dir)
     lines += section_evaluation(inputs, out_dir)
     lines += section_generalisation(out_dir)
+    lines += section_status(inputs)
     lines += section_caveats(inputs)
     if inputs["missing"]:
         lines += ["## Missing or unreadable inputs", ""] + [f"- {m}" for m in inputs["missing"]] + [""]

@@ -108,6 +108,34 @@ SEG_CODES = {"prostate": ("41216001", "SCT", "Prostate"), "bladder": ("89837001"
 SEG_ALGORITHM_FAMILY = ("123110", "DCM", "Artificial Intelligence")  # DICOM-SEG algorithm family (DICOM CID 7162)
 ROUNDTRIP_MIN_DICE = 0.95  # an RTSTRUCT read back below this Dice against the mask written is a warning
 
+# --- Status and quality flags ---------------------------------------------------------------
+# Status rule and flags: status.py's docstring and the README. Anatomy (not fitted): where the femoral heads
+# are and how big; thresholds of the flags are fitted on the validation split and stored in the checkpoint.
+STATUS_LANDMARK_SPACING = 3.0  # mm, grid on which the femoral heads are searched (coarser than this: as is)
+STATUS_BONE_HU = 150.0  # HU above which a voxel is bone (cancellous ~150-400, cortical > 500)
+STATUS_CORTICAL_HU = 350.0  # a femoral head's ball (radius + 1 voxel) reaches this HU at its 95th percentile
+STATUS_FEMORAL_HEAD_RADIUS_MM = (15.0, 35.0)  # depth inside bone at a femoral head's centre (head 40-55 mm across)
+STATUS_FEMORAL_HEAD_SEPARATION_MM = (120.0, 240.0)  # left-right distance of the two heads' centres (adults)
+STATUS_FEMORAL_HEAD_MAX_OFFSET_MM = 25.0  # the two heads differ by at most this in height and in depth
+STATUS_MIDLINE_TOLERANCE_MM = 40.0  # their midpoint lies this close to the body's left-right middle
+STATUS_ORGAN_Z_MM = {"prostate": (-60.0, 20.0), "bladder": (-40.0, 90.0), "rectum": (-50.0, 100.0)}  # range of
+                    # each organ's centre, mm above the femoral heads' centres (superior +)
+STATUS_ORGAN_CENTRE_MM = {"prostate": -35.0, "bladder": 5.0, "rectum": -5.0}  # expected organ centre, mm above
+                         # the femoral heads: in the scan and organ not found -> "absent", else "not_imaged"
+STATUS_CLEAR_NOT_IMAGED = True  # remove the prediction of an organ whose region is not in the scan
+STATUS_MIRROR_CHECK = True  # extra pass on the left-right mirrored CT for the mirror and confidence flags
+STATUS_GOOD_DICE = 0.9  # a result with Dice >= this is "good" (threshold fitting, flag measurement)
+STATUS_BAD_DICE = 0.7  # a result with Dice < this (or a false or missed organ) is "bad"
+STATUS_FLAG_GOOD_QUANTILE = 0.05  # each fitted threshold would flag at most this share of good val results
+STATUS_MIN_COMPONENT_FLOOR_ML = 0.5  # "fragmented" never counts components smaller than this (mL)
+STATUS_DEFAULT_THRESHOLDS = {  # for a checkpoint that predates fitted thresholds (adult literature ranges)
+    "volume_ml": {"prostate": [10.0, 120.0], "bladder": [20.0, 900.0], "rectum": [15.0, 300.0]},
+    "min_component_ml": {"prostate": 1.0, "bladder": 2.0, "rectum": 2.0},
+    "min_confidence": {"prostate": 0.6, "bladder": 0.6, "rectum": 0.6},
+    "min_mirror_dice": {"prostate": 0.8, "bladder": 0.8, "rectum": 0.7},
+    "max_absent_probability": {"prostate": 0.45, "bladder": 0.45, "rectum": 0.45},
+}
+
 # --- Device profiles: applied before command-line overrides ---------------------------------
 PROFILE = "auto"  # "auto" (gpu if CUDA else cpu), "cpu" or "gpu"
 PROFILES = {

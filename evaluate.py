@@ -28,6 +28,7 @@ from nibabel import orientations as nio
 import config
 import inference
 import metrics
+import status
 from fileio import pyplot, save_figure, save_nifti_atomic, write_text_atomic
 
 DISPLAY_HU = (-200, 400)  # overlay window (HU)
@@ -82,7 +83,7 @@ def _cell(value):
 def write_csv(rows, path, organs):
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    cols = metrics.csv_columns(organs)
+    cols = metrics.csv_columns(organs) + status.csv_columns(organs)
     writer.writerow(cols)
     for row in rows:
         writer.writerow([_cell(row.get(c)) for c in cols])
@@ -133,6 +134,8 @@ def report_markdown(summary, rows, failed, notes, plots, organs):
             d = row[f"dice_{organ}"]
             cells.append(f"{row[f'status_{organ}']}" + ("" if d is None else f" {d:.3f}"))
         lines.append(f"| {row['case_id']} | " + " | ".join(cells) + " |")
+    if summary.get("status"):
+        lines += [""] + status.report_markdown(summary["status"])
     if plots:
         lines += ["", "## Figures", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -152,7 +155,8 @@ def boxplot(rows, organs, name, ylabel, path, title):
     data = [_values(rows, o, name) for o in organs]
     rng = np.random.default_rng(0)
     positions = [i + 1 for i, d in enumerate(data) if d]
-    ax.boxplot([d for d in data if d], positions=positions, widths=0.5, showfliers=False)
+    if positions:  # none when nothing was detected (e.g. every organ not imaged)
+        ax.boxplot([d for d in data if d], positions=positions, widths=0.5, showfliers=False)
     for i, (organ, d) in enumerate(zip(organs, data), start=1):
         if d:
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=14, color=COLORS.get(organ, "k"), alpha=0.7,
@@ -336,6 +340,7 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None, data
     organs = tuple(ckpt["model_config"].get("organs", config.ORGANS))
     if tuple(organs) != tuple(config.ORGANS):
         print(f"note: checkpoint organs {organs} (current config has {tuple(config.ORGANS)})")
+    thresholds = status.thresholds_of(ckpt)
     if data_root_dir is not None:
         root = Path(data_root_dir)
         case_ids = [d.name for d in preprocessing.find_cases(root)]
@@ -360,6 +365,7 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None, data
         try:
             case = read(path)
             pred = inference.predict_case(model, case["ct"], device)
+            pred, assessment = status.assess(case["ct"], pred, model, device, thresholds, organs)
         except (preprocessing.CaseError, FileNotFoundError) as exc:
             failed.append((cid, str(exc)))
             print(f"evaluate: skipped {cid}: {exc}")
@@ -367,12 +373,14 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None, data
         ct = case["ct"]
         save_nifti_atomic(nib.Nifti1Image(pred, ct.affine), pred_dir / f"{cid}.nii.gz")
         rows.append(metrics.case_metrics(pred, case["masks"], header_spacing(ct), case_id=cid, organs=organs))
+        rows[-1].update(status.row_fields(assessment, status.true_status(path, case["masks"], organs), organs))
 
     summary = metrics.summarize(rows, organs=organs, checkpoint=ckpt_path)
     summary.update(split=split, data_root=str(root), empty_cases=[str(p) for p in empty],
                    failed=[{"case_id": c, "reason": r} for c, r in failed],
                    seconds=time.time() - t0, checkpoint_epoch=ckpt.get("epoch"),
-                   settings_from_checkpoint={k: list(v[1]) for k, v in changed.items()})
+                   settings_from_checkpoint={k: list(v[1]) for k, v in changed.items()},
+                   status=status.summarize(rows, organs))
     write_csv(rows, out_dir / "metrics_per_case.csv", organs)
     write_text_atomic(out_dir / "summary_statistics.json", json.dumps(summary, indent=2))
     names = make_plots(rows, organs, out_dir, root, pred_dir) if plots and rows else []

@@ -6,7 +6,8 @@ Usage:
     python predict.py patient01/CT -o OUT --format nifti,rtstruct,seg   # a DICOM CT series in, RTSTRUCT + SEG out
 
 Writes OUT/<case>/segmentations/{prostate,bladder,rectum}.nii.gz (uint8 0/1), OUT/<case>/combined_labels.nii.gz
-(uint8, AbdomenAtlas values config.LABEL_VALUES) and OUT/<case>/volumes.json (mL per organ, present or absent).
+(uint8, AbdomenAtlas values config.LABEL_VALUES) and OUT/<case>/volumes.json (mL, status and quality flags per
+organ, see status.py); --preview adds OUT/<case>/preview.png (axial, coronal, sagittal through the organs).
 <case> is the folder name for .../<folder>/ct.nii.gz (AbdomenAtlas layout), otherwise the file name without
 .nii(.gz) (a DICOM folder: its name, or its parent's for .../<patient>/CT or .../<patient>/DICOM). Outputs keep the input's shape, affine, qform and sform. The net and TARGET_SPACING / PATCH_SIZE /
 HU_CLIP come from the checkpoint. A bad file gives a one-line error and the others are still processed; the
@@ -161,8 +162,9 @@ def write_dicom(labels, original, case_dir, organs, formats, series=None):
     return record
 
 
-def write_outputs(labels, original, case_dir, organs, formats=("nifti",), series=None):
-    """The outputs asked for in `formats` and volumes.json (mL per organ; the DICOM record) for one case."""
+def write_outputs(labels, original, case_dir, organs, formats=("nifti",), series=None, assessment=None):
+    """The outputs asked for in `formats` and volumes.json (mL per organ; the DICOM record) for one case;
+    `assessment` (status.assess) adds each organ's status and flags, and the pelvis landmark."""
     Path(case_dir).mkdir(parents=True, exist_ok=True)
     spacing = [float(z) for z in original.header.get_zooms()[:3]]
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -170,7 +172,11 @@ def write_outputs(labels, original, case_dir, organs, formats=("nifti",), series
     for k, organ in enumerate(organs, start=1):
         n = int((labels == k).sum())
         volumes[organ] = {"present": n > 0, "ml": n * voxel_ml, "voxels": n}
+        if assessment is not None:
+            volumes[organ] = dict(assessment["organs"][organ], **volumes[organ])
     record = {"spacing_mm": spacing, "shape": list(labels.shape), "organs": volumes}
+    if assessment is not None:
+        record.update(pelvis=assessment["pelvis"], scan_z_mm=assessment["scan_z_mm"])
     if "nifti" in formats:
         write_nifti(labels, original, case_dir, organs)
     if "rtstruct" in formats or "seg" in formats:
@@ -205,7 +211,7 @@ def read_input(path):
     return preprocessing.load_ct(path), None  # checks the file; one-line CaseError otherwise
 
 
-def predict_files(paths, out_dir, checkpoint=None, show_progress=None, formats=("nifti",)):
+def predict_files(paths, out_dir, checkpoint=None, show_progress=None, formats=("nifti",), preview=False):
     """Segment every CT in `paths` (files or folders) into out_dir/<case>/; returns (done, failed) where done is
     [(input path, case folder)] and failed is [(input path, one-line reason)]. `formats`: any of FORMATS.
 
@@ -213,6 +219,7 @@ def predict_files(paths, out_dir, checkpoint=None, show_progress=None, formats=(
     """
     import inference
     import preprocessing
+    import status
     from tqdm import tqdm
 
     formats = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
@@ -222,6 +229,7 @@ def predict_files(paths, out_dir, checkpoint=None, show_progress=None, formats=(
     model, ckpt, _ = inference.load_model(checkpoint, device)
     inference.use_checkpoint_settings(ckpt)
     organs = tuple(ckpt["model_config"].get("organs", config.ORGANS))
+    thresholds = status.thresholds_of(ckpt)
     files = collect_inputs(paths)
     done, failed, seen = [], [], {}
     if show_progress is None:
@@ -233,18 +241,20 @@ def predict_files(paths, out_dir, checkpoint=None, show_progress=None, formats=(
                 raise preprocessing.CaseError(path, f"case name {name!r} already used by {seen[name]}")
             ct, series = read_input(path)
             labels = inference.predict_case(model, ct, device)
+            labels, assessment = status.assess(ct, labels, model, device, thresholds, organs)
             original = ct if series is not None else nib.load(str(path))  # header with the file's own qform/sform
             case_dir = out_dir / name
-            record = write_outputs(labels, original, case_dir, organs, formats, series)
+            record = write_outputs(labels, original, case_dir, organs, formats, series, assessment)
+            if preview:
+                status.preview_png(ct, labels, organs, case_dir / "preview.png",
+                                   status.console_line(name, record["organs"]))
         except (ValueError, OSError) as exc:  # CaseError, DicomError and ExportError are ValueErrors
             failed.append((path, str(exc)))
             tqdm.write(f"predict: failed {exc}" if str(path) in str(exc) else f"predict: failed {path}: {exc}")
             continue
         seen[name] = path
         done.append((path, case_dir))
-        found = ", ".join(f"{o} {v['ml']:.1f} mL" if v["present"] else f"{o} absent"
-                          for o, v in record["organs"].items())
-        tqdm.write(f"predict: {name}: {found}")
+        tqdm.write(f"predict: {status.console_line(name, record['organs'])}")
         for line in dicom_lines(name, record.get("dicom")):
             tqdm.write(line)
     return done, failed
@@ -274,6 +284,7 @@ def main(argv=None):
     parser.add_argument("inputs", nargs="+", type=Path, help="CT .nii/.nii.gz files, DICOM series or folders")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: CHECKPOINT_DIR/best_model.pth")
+    parser.add_argument("--preview", action="store_true", help="write <case>/preview.png (3 views, organ outlines)")
     parser.add_argument("--format", default="nifti", help=f"comma-separated, any of {', '.join(FORMATS)} "
                                                           "(default nifti)")
     args, rest = parser.parse_known_args(argv)
@@ -283,7 +294,7 @@ def main(argv=None):
         parser.error(str(exc))  # usage error: exit code 2, like a mistyped --NAME=value
     try:
         config.configure(rest)
-        done, failed = predict_files(args.inputs, args.out, args.checkpoint, formats=formats)
+        done, failed = predict_files(args.inputs, args.out, args.checkpoint, formats=formats, preview=args.preview)
     except (ValueError, FileNotFoundError) as exc:
         sys.exit(f"predict: {exc}")
     print(f"predict: {len(done)} done, {len(failed)} failed -> {args.out}")

@@ -539,6 +539,9 @@ def train(resume=False, show_progress=None, stop_after=None):
         write_text_atomic(log_dir / "run.json", json.dumps(record, indent=2))
     if world > 1:
         torch.distributed.destroy_process_group()
+    if main_rank and best_path.is_file():  # status flags: thresholds fitted on the val split, kept in the checkpoint
+        import status
+        status.fit_thresholds_safely(best_path)
     return best_path
 
 

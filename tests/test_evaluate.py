@@ -8,6 +8,7 @@ import pytest
 
 import config
 import metrics
+import status
 from test_predict import tiny_checkpoint, write_ct  # noqa: F401  (fixture)
 
 
@@ -47,7 +48,8 @@ def test_evaluate_writes_contract_files(tmp_path, tiny_checkpoint, monkeypatch):
     assert json.loads((out / "summary_statistics.json").read_text())["organs"]["bladder"]["n_present"] == 2
     with open(out / "metrics_per_case.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == metrics.csv_columns(config.ORGANS)
+    assert list(rows[0]) == metrics.csv_columns(config.ORGANS) + status.csv_columns(config.ORGANS)
+    assert {r["pred_status_bladder"] for r in rows} <= set(status.STATUSES)
     absent = next(r for r in rows if r["case_id"] == "BDMAP_00000002")
     assert absent["status_prostate"] in ("correctly_absent", "false_organ")
     assert absent["dice_prostate"] == "" and absent["hd95_prostate"] == ""  # not defined: empty, never 1 or 999

@@ -107,6 +107,7 @@ def test_labels_come_back_in_the_input_orientation(tmp_path, tiny_checkpoint, mo
         return (world_x.reshape(ct_img.shape) > world_x.max() - 1).astype(np.uint8) * 2
 
     monkeypatch.setattr(inference, "predict_case", fake_predict_case)
+    monkeypatch.setattr(config, "STATUS_CLEAR_NOT_IMAGED", False)  # no pelvis in this CT: keep the fake bladder
     for code in ("RAS", "LAS"):
         src = write_ct(tmp_path / f"{code}.nii.gz", code)
         predict.predict_files([src], tmp_path / "out", tiny_checkpoint)
@@ -175,6 +176,7 @@ def test_dicom_outputs_for_nifti_and_dicom_inputs(tmp_path, tiny_checkpoint, mon
     import predict
 
     monkeypatch.setattr(inference, "predict_case", _fake_predict_case)
+    monkeypatch.setattr(config, "STATUS_CLEAR_NOT_IMAGED", False)  # no pelvis in these CTs: keep the fake bladder
     nifti_in = write_ct(tmp_path / "in" / "scan_LAS.nii.gz", "LAS")
     series_info = dicom_io.write_ct_series(nib.load(str(write_ct(tmp_path / "src.nii.gz", "LPS"))),
                                            tmp_path / "dicom" / "patient07")
@@ -215,6 +217,7 @@ def test_round_trip_warning_reaches_file_and_console(tmp_path, tiny_checkpoint, 
     import predict
 
     monkeypatch.setattr(inference, "predict_case", _fake_predict_case)
+    monkeypatch.setattr(config, "STATUS_CLEAR_NOT_IMAGED", False)  # no pelvis in this CT: keep the fake bladder
     real = dicom_export.rtstruct_roundtrip
 
     def lossy(path, masks, ref_img, frame_of_reference_uid=None):  # as if the file lost voxels on the way

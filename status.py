@@ -1,0 +1,721 @@
+"""Per-organ status (present / absent / not_imaged / partially_imaged) and quality flags for a prediction.
+
+Usage (library; predict.py and evaluate.py call it):
+    labels = inference.predict_case(model, ct_img, device)           # uint8 labels on the CT's own grid
+    labels, report = assess(ct_img, labels, model, device, thresholds_of(ckpt))
+    python status.py --fit [--checkpoint PATH]       # fit the flag thresholds on the val split, store them
+    python status.py --measure evaluation_results/metrics_per_case.csv [more.csv]   # flags vs bad results
+    python status.py --landmarks CT.nii.gz [...]     # where the femoral heads were found (or not)
+    python status.py --check-rule DATA_ROOT          # the rule on the reference masks vs the phantom's truth
+
+Status rule (the README has the same text):
+  1. Pelvis landmark: the two femoral heads, searched in the HU image (model space: RAS, coarse grid). Bone is
+     HU > STATUS_BONE_HU, holes filled slice by slice (cancellous core inside the cortex); the depth inside bone
+     (Euclidean distance to the nearest non-bone voxel, mm) has a local maximum of STATUS_FEMORAL_HEAD_RADIUS_MM
+     at the centre of a head, and the ball of that radius holds cortical bone (95th percentile HU >=
+     STATUS_CORTICAL_HU). A pair of such maxima on either side of the body's midline, at the same height and
+     depth, STATUS_FEMORAL_HEAD_SEPARATION_MM apart, is the pelvis. The heads are the thickest bone of the body
+     and come in a pair at a fixed distance, which vertebrae (one, in the midline), ribs (thin) and humeral heads
+     (further apart) do not.
+  2. No pelvis in the scan: every organ is `not_imaged` and its prediction is removed (a bladder in a chest
+     scan is not a bladder).
+  3. Pelvis found: an organ predicted on the CT grid is `partially_imaged` when its mask touches a face of the
+     grid (its volume is then a lower bound), else `present`. An organ not predicted is `absent` when its
+     expected centre, STATUS_ORGAN_CENTRE_MM above the femoral heads' centres, lies inside the scan's z-extent
+     (voxel centres), else `not_imaged`. (The flag outside_region uses the wider STATUS_ORGAN_Z_MM.)
+
+Flags: each a short code and a one-line reason (FLAGS). Their thresholds are fitted on the validation split by
+fit_thresholds() (train.py calls it after training) and stored in the checkpoint under "status_thresholds";
+a checkpoint from before that gets config.STATUS_DEFAULT_THRESHOLDS with a note. Arrays are indexed [x, y, z];
+positions are world RAS mm; volumes mL.
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+import config
+
+STATUSES = ("present", "absent", "not_imaged", "partially_imaged")
+FLAGS = {  # code -> what it means (the reason printed with it adds the numbers)
+    "volume_low": "volume below the range seen in training",
+    "volume_high": "volume above the range seen in training",
+    "fragmented": "more than one connected component above the size limit",
+    "order_prostate_bladder": "prostate not inferior to the bladder",
+    "order_rectum": "rectum not posterior to the prostate and bladder",
+    "touches_edge": "touches the edge of the scan (volume is a lower bound)",
+    "outside_region": "centre outside the organ's expected height relative to the femoral heads",
+    "low_confidence": "low mean probability inside the mask",
+    "mirror_disagreement": "plain and left-right mirrored predictions disagree",
+    "uncertain_absence": "absent, but the model's probability for it peaks high somewhere in the scan",
+}
+THRESHOLD_KEYS = ("volume_ml", "min_component_ml", "min_confidence", "min_mirror_dice", "max_absent_probability")
+
+
+# --------------------------------------------------------------------------------------------
+# Pelvis landmark: the femoral heads
+# --------------------------------------------------------------------------------------------
+def _block_mean(hu, affine, target_mm):
+    """Average blocks of whole voxels so that spacing is about target_mm (never finer than given); returns
+    (array, affine of the coarse grid)."""
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    f = np.maximum(1, np.floor(target_mm / spacing + 1e-6)).astype(int)
+    if (f == 1).all():
+        return np.asarray(hu, np.float32), np.asarray(affine, np.float64)
+    n = np.asarray(hu.shape) // f
+    if (n < 1).any():
+        f = np.minimum(f, hu.shape)
+        n = np.asarray(hu.shape) // f
+    a = np.asarray(hu[: n[0] * f[0], : n[1] * f[1], : n[2] * f[2]], np.float32)
+    a = a.reshape(n[0], f[0], n[1], f[1], n[2], f[2]).mean(axis=(1, 3, 5))
+    step = np.eye(4)
+    step[:3, :3] = np.diag(f)
+    step[:3, 3] = (f - 1) / 2.0  # coarse voxel i covers fine voxels i*f .. i*f+f-1
+    return a, np.asarray(affine, np.float64) @ step
+
+
+def find_femoral_heads(hu, affine):
+    """The femoral heads in an HU volume (canonical RAS, affine voxel -> world mm).
+
+    Returns dict(found, heads_mm=[[x, y, z] right, left] or [], radius_mm=[r, r], z_mm=height or None,
+    candidates=number of bone-depth maxima considered).
+    """
+    hu, affine = _block_mean(np.asarray(hu), affine, config.STATUS_LANDMARK_SPACING)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    in_plane = np.zeros((3, 3, 1), bool)
+    in_plane[:, :, 0] = ndimage.generate_binary_structure(2, 1)
+    bone = ndimage.binary_fill_holes(hu > config.STATUS_BONE_HU, structure=in_plane)
+    none = dict(found=False, heads_mm=[], radius_mm=[], z_mm=None, candidates=0)
+    if not bone.any():
+        return none
+    depth = ndimage.distance_transform_edt(bone, sampling=spacing)  # mm to the nearest non-bone voxel
+    r_lo, r_hi = config.STATUS_FEMORAL_HEAD_RADIUS_MM
+    size = np.maximum(3, 2 * np.round(r_lo / spacing).astype(int) + 1)
+    peaks = (depth == ndimage.maximum_filter(depth, size=tuple(size))) & (depth >= r_lo) & (depth <= r_hi)
+    comps, n = ndimage.label(peaks, structure=np.ones((3, 3, 3), bool))  # a plateau is one candidate
+    if n == 0:
+        return none
+    idx = np.asarray(ndimage.center_of_mass(peaks, comps, range(1, n + 1))).reshape(-1, 3)
+    radius = np.asarray(ndimage.maximum(depth, comps, range(1, n + 1)), float).reshape(-1)
+    world = idx @ affine[:3, :3].T + affine[:3, 3]
+    # A femoral head has a cortical rim and the acetabulum around it; an enhanced kidney or a contrast-filled
+    # loop of bowel, as thick, has not: keep candidates whose ball (radius + one voxel) holds cortical HU.
+    rim = []
+    for c, r in zip(idx, radius):
+        reach = (r + spacing.max()) / spacing  # voxels per axis
+        lo = np.maximum(0, np.floor(c - reach)).astype(int)
+        hi = np.minimum(hu.shape, np.ceil(c + reach) + 1).astype(int)
+        grid = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        ball = sum(((g - ci) * sp) ** 2 for g, ci, sp in zip(grid, c, spacing)) <= (r + spacing.max()) ** 2
+        block = hu[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        rim.append(float(np.percentile(block[ball], 95)) >= config.STATUS_CORTICAL_HU)
+    body = hu > config.BODY_THRESHOLD_HU
+    sep_lo, sep_hi = config.STATUS_FEMORAL_HEAD_SEPARATION_MM
+    best = None
+    for i in range(n):
+        for j in range(n):
+            a, b = world[i], world[j]
+            if not (rim[i] and rim[j]):
+                continue
+            if not (sep_lo <= b[0] - a[0] <= sep_hi):  # i on the right (smaller x), j on the left
+                continue
+            if max(abs(a[1] - b[1]), abs(a[2] - b[2])) > config.STATUS_FEMORAL_HEAD_MAX_OFFSET_MM:
+                continue
+            k = int(np.clip(np.round((idx[i, 2] + idx[j, 2]) / 2), 0, hu.shape[2] - 1))
+            xs = np.nonzero(body[:, :, k].any(axis=1))[0]
+            if not len(xs):
+                continue
+            mid = np.array([(xs.min() + xs.max()) / 2.0, (idx[i, 1] + idx[j, 1]) / 2.0, k])
+            centre_x = float(affine[0, :3] @ mid + affine[0, 3])  # world x of the body's left-right middle
+            if abs((a[0] + b[0]) / 2 - centre_x) > config.STATUS_MIDLINE_TOLERANCE_MM:
+                continue
+            score = min(radius[i], radius[j])
+            if best is None or score > best[0]:
+                best = (score, i, j)
+    if best is None:
+        return dict(none, candidates=int(n))
+    _, i, j = best
+    return dict(found=True, heads_mm=[[round(float(v), 1) for v in world[i]], [round(float(v), 1) for v in world[j]]],
+                radius_mm=[round(float(radius[i]), 1), round(float(radius[j]), 1)],
+                z_mm=round(float((world[i, 2] + world[j, 2]) / 2), 1), candidates=int(n))
+
+
+def scan_z_extent(img):
+    """(lowest, highest) world z (mm) of the voxel centres of an image's grid."""
+    shape = np.asarray(img.shape[:3]) - 1
+    corners = np.array([[i, j, k] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2])], float)
+    z = corners @ np.asarray(img.affine)[2, :3] + img.affine[2, 3]
+    return float(z.min()), float(z.max())
+
+
+# --------------------------------------------------------------------------------------------
+# Status
+# --------------------------------------------------------------------------------------------
+def touches_edge(mask):
+    """True when a mask reaches any face of its grid."""
+    return any(mask[i].any() or mask[:, i].any() or mask[:, :, i].any() for i in (0, -1))
+
+
+def centre_in_scan(organ, pelvis, scan_z):
+    """True when the organ's expected centre (STATUS_ORGAN_CENTRE_MM above the femoral heads) lies inside the
+    scan's z-extent; False when no pelvis was found."""
+    if not pelvis.get("found"):
+        return False
+    return scan_z[0] <= pelvis["z_mm"] + config.STATUS_ORGAN_CENTRE_MM[organ] <= scan_z[1]
+
+
+def organ_status(predicted, at_edge, centre_imaged, pelvis_found):
+    """The status rule (module docstring) for one organ: predicted and at_edge on the CT grid, centre_imaged
+    from centre_in_scan()."""
+    if not pelvis_found:
+        return "not_imaged"
+    if predicted:
+        return "partially_imaged" if at_edge else "present"
+    return "absent" if centre_imaged else "not_imaged"
+
+
+# --------------------------------------------------------------------------------------------
+# Evidence from the model: probabilities and the mirrored prediction
+# --------------------------------------------------------------------------------------------
+def _probabilities(logits):
+    """Softmax over [background logit 0, organ logits] -> organ probabilities (n, X, Y, Z) float32."""
+    z = np.concatenate([np.zeros((1,) + logits.shape[1:], np.float32), logits], axis=0)
+    z -= z.max(axis=0, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=0, keepdims=True)
+    return z[1:]
+
+
+def model_evidence(model, ct_img, labels, organs, device):
+    """Per organ: mean probability inside the predicted mask, Dice between the prediction and the prediction on
+    the left-right mirrored CT (flipped back), and the peak probability anywhere (model space). Plus the HU
+    volume in model space and its affine (for the landmark search). One extra forward pass over the CT: of the
+    mirrored CT when STATUS_MIRROR_CHECK, else of the CT itself (then no mirror Dice)."""
+    import inference
+    import preprocessing
+
+    hu, geom = preprocessing.prepare_ct(ct_img)
+    out = {"hu": hu, "affine": np.asarray(geom["model_affine"]), "organs": {}}
+    if model is None:
+        return out
+    mirror = bool(config.STATUS_MIRROR_CHECK)
+    norm = preprocessing.normalize_hu(hu)
+    if mirror:
+        norm = np.ascontiguousarray(norm[::-1])  # x is axis 0 in RAS model space
+    logits = inference.predict_logits(model, norm, tuple(config.PATCH_SIZE), float(config.SW_OVERLAP),
+                                      int(config.SW_BATCH), False, device).numpy()
+    if mirror:
+        logits = np.ascontiguousarray(logits[:, ::-1])
+    prob = _probabilities(logits)
+    other = np.asarray(inference.logits_to_labels(logits))
+    mine = preprocessing.prepare_labels({o: (labels == k).astype(np.uint8) for k, o in enumerate(organs, 1)}, geom)
+    for k, organ in enumerate(organs, start=1):
+        m, o = mine == k, other == k
+        n_m, n_o = int(m.sum()), int(o.sum())
+        out["organs"][organ] = {
+            "confidence": float(prob[k - 1][m].mean()) if n_m else None,
+            "mirror_dice": (2.0 * int((m & o).sum()) / (n_m + n_o) if n_m + n_o else 1.0) if mirror else None,
+            "mirror_ml": n_o * float(np.prod(geom["model_spacing"])) / 1000.0 if mirror else None,
+            "peak_probability": float(prob[k - 1].max()),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Thresholds
+# --------------------------------------------------------------------------------------------
+def thresholds_of(ckpt, quiet=False):
+    """The flag thresholds stored in a checkpoint; config.STATUS_DEFAULT_THRESHOLDS (with a note) for one that
+    predates them."""
+    stored = (ckpt or {}).get("status_thresholds")
+    if stored and all(k in stored for k in THRESHOLD_KEYS):
+        return stored
+    if not quiet:
+        print("note: this checkpoint has no fitted status thresholds (trained before they existed); using "
+              "config.STATUS_DEFAULT_THRESHOLDS. Fit them on the validation split: python status.py --fit "
+              "--checkpoint PATH")
+    return dict(config.STATUS_DEFAULT_THRESHOLDS, fitted_on=None)
+
+
+def _per_organ(thresholds, key, organ):
+    value = thresholds[key]
+    return value.get(organ) if isinstance(value, dict) else value
+
+
+# --------------------------------------------------------------------------------------------
+# One case
+# --------------------------------------------------------------------------------------------
+def _components_ml(mask, voxel_ml):
+    comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(comps.ravel())[1:] * voxel_ml
+    return sorted((float(s) for s in sizes), reverse=True)
+
+
+def raw_measures(ct_img, labels, organs, evidence):
+    """Everything the status and flags are decided from, per organ, before any threshold."""
+    affine = np.asarray(ct_img.affine)
+    voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+    pelvis = find_femoral_heads(evidence["hu"], evidence["affine"])
+    scan_z = scan_z_extent(ct_img)
+    out = {"pelvis": pelvis, "scan_z_mm": [round(v, 1) for v in scan_z], "organs": {}}
+    for k, organ in enumerate(organs, start=1):
+        mask = labels == k
+        n = int(mask.sum())
+        e = dict(voxels=n, ml=n * voxel_ml, at_edge=bool(n and touches_edge(mask)), centroid_mm=None,
+                 components_ml=[], centre_imaged=centre_in_scan(organ, pelvis, scan_z))
+        if n:
+            e["centroid_mm"] = [float(v) for v in affine[:3, :3] @ np.argwhere(mask).mean(0) + affine[:3, 3]]
+            e["components_ml"] = _components_ml(mask, voxel_ml)
+        e.update(evidence["organs"].get(organ, {}))
+        out["organs"][organ] = e
+    return out
+
+
+def _flag(code, detail):
+    return {"code": code, "reason": f"{FLAGS[code]} ({detail})"}
+
+
+def organ_flags(organ, e, measures, status, thresholds):
+    """The quality flags of one organ (list of {"code", "reason"}) from raw_measures() and the thresholds."""
+    flags = []
+    if status == "not_imaged":
+        return flags
+    if status == "absent":
+        peak, limit = e.get("peak_probability"), _per_organ(thresholds, "max_absent_probability", organ)
+        if peak is not None and limit is not None and peak > limit:
+            flags.append(_flag("uncertain_absence", f"peak {peak:.2f} > {limit:.2f}"))
+        if e.get("mirror_ml") and e["mirror_ml"] >= _per_organ(thresholds, "min_component_ml", organ):
+            flags.append(_flag("mirror_disagreement", f"mirrored prediction finds {e['mirror_ml']:.1f} mL"))
+        return flags
+    lo, hi = _per_organ(thresholds, "volume_ml", organ) or (None, None)
+    if hi is not None and e["ml"] > hi:
+        flags.append(_flag("volume_high", f"{e['ml']:.1f} mL > {hi:.1f}"))
+    if lo is not None and e["ml"] < lo and not e["at_edge"]:  # a cut organ's volume is only a lower bound
+        flags.append(_flag("volume_low", f"{e['ml']:.1f} mL < {lo:.1f}"))
+    size = _per_organ(thresholds, "min_component_ml", organ)
+    big = [c for c in e["components_ml"] if c >= size]
+    if len(big) > 1:
+        flags.append(_flag("fragmented", f"{len(big)} components of >= {size:.1f} mL"))
+    others = measures["organs"]
+    c = e["centroid_mm"]
+    if organ in ("prostate", "bladder") and all(others.get(o, {}).get("centroid_mm") for o in ("prostate", "bladder")):
+        if others["prostate"]["centroid_mm"][2] >= others["bladder"]["centroid_mm"][2] and organ == "prostate":
+            flags.append(_flag("order_prostate_bladder", f"prostate centre {others['prostate']['centroid_mm'][2]:.0f}"
+                               f" mm, bladder centre {others['bladder']['centroid_mm'][2]:.0f} mm (z)"))
+    if organ == "rectum":
+        ahead = [o for o in ("prostate", "bladder") if others.get(o, {}).get("centroid_mm")
+                 and others[o]["centroid_mm"][1] <= c[1]]
+        if ahead:
+            flags.append(_flag("order_rectum", f"not behind the {' and '.join(ahead)} (y)"))
+    if e["at_edge"]:
+        flags.append(_flag("touches_edge", "mask reaches a face of the grid"))
+    pelvis = measures["pelvis"]
+    if pelvis.get("found"):
+        lo_z, hi_z = (pelvis["z_mm"] + d for d in config.STATUS_ORGAN_Z_MM[organ])
+        if not lo_z <= c[2] <= hi_z:
+            flags.append(_flag("outside_region", f"z {c[2] - pelvis['z_mm']:+.0f} mm, expected "
+                               f"{lo_z - pelvis['z_mm']:+.0f} to {hi_z - pelvis['z_mm']:+.0f}"))
+    conf, limit = e.get("confidence"), _per_organ(thresholds, "min_confidence", organ)
+    if conf is not None and limit is not None and conf < limit:
+        flags.append(_flag("low_confidence", f"{conf:.2f} < {limit:.2f}"))
+    md, limit = e.get("mirror_dice"), _per_organ(thresholds, "min_mirror_dice", organ)
+    if md is not None and limit is not None and md < limit:
+        flags.append(_flag("mirror_disagreement", f"Dice {md:.2f} < {limit:.2f}"))
+    return flags
+
+
+def decide(measures, thresholds):
+    """{organ: {"status", "flags", "ml", ...}} from raw_measures()."""
+    found = bool(measures["pelvis"].get("found"))
+    report = {}
+    for organ, e in measures["organs"].items():
+        status = organ_status(e["voxels"] > 0, e["at_edge"], e["centre_imaged"], found)
+        entry = {"status": status, "ml": e["ml"] if status != "not_imaged" else 0.0,
+                 "flags": organ_flags(organ, e, measures, status, thresholds)}
+        if status == "not_imaged" and e["voxels"]:
+            entry["removed_ml"] = round(e["ml"], 3)  # predicted where its region is not imaged: removed
+        for key in ("confidence", "mirror_dice"):
+            if e.get(key) is not None and status != "not_imaged":
+                entry[key] = round(e[key], 4)
+        report[organ] = entry
+    return report
+
+
+def assess(ct_img, labels, model, device, thresholds, organs=None):
+    """(labels with not-imaged organs removed, report) for one CT and its predicted label map (original grid).
+
+    report = {"organs": {organ: {"status", "ml", "flags": [{"code", "reason"}], ...}}, "pelvis": {...},
+    "scan_z_mm": [lo, hi]}. With STATUS_CLEAR_NOT_IMAGED off the labels are returned as they came.
+    """
+    organs = tuple(organs or config.ORGANS)
+    evidence = model_evidence(model, ct_img, labels, organs, device)
+    measures = raw_measures(ct_img, labels, organs, evidence)
+    per_organ = decide(measures, thresholds)
+    labels = np.asarray(labels)
+    if config.STATUS_CLEAR_NOT_IMAGED:
+        gone = [k for k, o in enumerate(organs, 1) if per_organ[o]["status"] == "not_imaged" and per_organ[o].get("removed_ml")]
+        if gone:
+            labels = np.where(np.isin(labels, gone), 0, labels).astype(labels.dtype)
+    return labels, {"organs": per_organ, "pelvis": measures["pelvis"], "scan_z_mm": measures["scan_z_mm"],
+                    "_measures": measures}
+
+
+def console_line(name, organs_report):
+    """'BDMAP_x: prostate absent, bladder 312 mL (flag: volume_high), rectum not imaged'."""
+    parts = []
+    for organ, e in organs_report.items():
+        s = e["status"]
+        text = f"{organ} {e['ml']:.0f} mL" if s in ("present", "partially_imaged") else f"{organ} {s.replace('_', ' ')}"
+        if s == "partially_imaged":
+            text += " (cut by the scan edge)"
+        codes = [f["code"] for f in e["flags"] if f["code"] != "touches_edge"]
+        if codes:
+            text += f" (flag: {', '.join(codes)})"
+        parts.append(text)
+    return f"{name}: " + ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Truth and evaluation rows
+# --------------------------------------------------------------------------------------------
+def true_status(case_dir, masks, organs):
+    """{organ: true status or None}: the phantom's meta.json "status" where it has one; else from the reference
+    mask where that settles it (non-empty: present / partially_imaged by the edge), None when unknown."""
+    meta = {}
+    path = Path(case_dir) / "meta.json"
+    if path.is_file():
+        try:
+            meta = json.loads(path.read_text()).get("status") or {}
+        except ValueError:
+            meta = {}
+    out = {}
+    for organ in organs:
+        if organ in meta:
+            out[organ] = meta[organ]
+            continue
+        m = masks.get(organ)
+        out[organ] = None if m is None or not m.any() else ("partially_imaged" if touches_edge(m) else "present")
+    return out
+
+
+def csv_columns(organs):
+    """Columns evaluate.py adds to metrics_per_case.csv."""
+    return [f"{c}_{o}" for o in organs for c in ("pred_status", "true_status", "flags")]
+
+
+def row_fields(report, truth, organs):
+    """Those columns for one case."""
+    row = {}
+    for organ in organs:
+        row[f"pred_status_{organ}"] = report["organs"][organ]["status"]
+        row[f"true_status_{organ}"] = truth.get(organ)
+        row[f"flags_{organ}"] = ";".join(f["code"] for f in report["organs"][organ]["flags"])
+    return row
+
+
+def quality(row, organ):
+    """'bad' (Dice < STATUS_BAD_DICE, a false organ, or a missed organ), 'good' (Dice >= STATUS_GOOD_DICE) or
+    None (in between, correctly absent, or not imaged)."""
+    s = row.get(f"status_{organ}")
+    dice = row.get(f"dice_{organ}")
+    dice = None if dice in (None, "") else float(dice)
+    if s in ("false_organ", "missed"):
+        return "bad"
+    if s == "present_detected" and dice is not None:
+        return "bad" if dice < config.STATUS_BAD_DICE else "good" if dice >= config.STATUS_GOOD_DICE else None
+    return None
+
+
+def summarize(rows, organs):
+    """Status confusion (true -> predicted -> count), status accuracy, and how well the flags pick out bad
+    results: share of bad results with >= 1 flag, share of good ones with >= 1 flag."""
+    confusion = {t: {p: 0 for p in STATUSES} for t in STATUSES}
+    known = correct = 0
+    n = {"bad": 0, "good": 0}
+    flagged = {"bad": 0, "good": 0}
+    per_flag = {}
+    for row in rows:
+        for organ in organs:
+            t, p = row.get(f"true_status_{organ}"), row.get(f"pred_status_{organ}")
+            if t in confusion and p in STATUSES:
+                confusion[t][p] += 1
+                known += 1
+                correct += t == p
+            q = quality(row, organ)
+            codes = [c for c in (row.get(f"flags_{organ}") or "").split(";") if c]
+            for c in codes:
+                per_flag.setdefault(c, {"bad": 0, "good": 0, "other": 0})[q or "other"] += 1
+            if q:
+                n[q] += 1
+                flagged[q] += bool(codes)
+    rate = lambda a, b: a / b if b else None  # noqa: E731
+    return {"confusion": confusion, "status_known": known, "status_correct": correct,
+            "status_accuracy": rate(correct, known), "bad": n["bad"], "bad_flagged": flagged["bad"],
+            "good": n["good"], "good_flagged": flagged["good"], "catch_rate": rate(flagged["bad"], n["bad"]),
+            "good_flagged_rate": rate(flagged["good"], n["good"]), "per_flag": per_flag,
+            "rule": f"bad = Dice < {config.STATUS_BAD_DICE}, a false organ or a missed organ; good = Dice >= "
+                    f"{config.STATUS_GOOD_DICE}"}
+
+
+def _pct(a, b):
+    return "–" if not b else f"{a}/{b} ({100.0 * a / b:.0f} %)"
+
+
+def report_markdown(summary):
+    """Markdown lines: status confusion table and flag catch rates (for evaluation_report.md)."""
+    lines = ["## Organ status (predicted vs true)", ""]
+    if summary["status_known"]:
+        lines += ["| true \\ predicted | " + " | ".join(STATUSES) + " |", "|---|" + "---|" * len(STATUSES)]
+        for t in STATUSES:
+            lines.append(f"| {t} | " + " | ".join(str(summary["confusion"][t][p]) for p in STATUSES) + " |")
+        lines += ["", f"Status accuracy: {_pct(summary['status_correct'], summary['status_known'])} of organ "
+                      "results with a known true status.", ""]
+    else:
+        lines += ["No true status known for these cases (the phantom's meta.json has one).", ""]
+    lines += ["## Quality flags", "", summary["rule"] + ".", "",
+              f"- bad results with at least one flag: {_pct(summary['bad_flagged'], summary['bad'])}",
+              f"- good results with at least one flag: {_pct(summary['good_flagged'], summary['good'])}", ""]
+    if summary["per_flag"]:
+        lines += ["| flag | on bad | on good | on other |", "|---|---|---|---|"]
+        for code, c in sorted(summary["per_flag"].items()):
+            lines.append(f"| {code} | {c['bad']} | {c['good']} | {c['other']} |")
+        lines.append("")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting the thresholds on the validation split
+# --------------------------------------------------------------------------------------------
+def _quantile(values, q):
+    return float(np.quantile(np.asarray(values, float), q)) if len(values) else None
+
+
+def training_volume_ranges(processed_dir, case_ids, organs):
+    """{organ: [min, max] mL} over training cases where the organ is whole (present, not cut by the edge)."""
+    out = {}
+    for organ in organs:
+        vols = []
+        for cid in case_ids:
+            try:
+                e = json.loads((Path(processed_dir) / "cases" / cid / "meta.json").read_text())["organs"][organ]
+            except (OSError, ValueError, KeyError):
+                continue
+            if e.get("present") and not e.get("touches_fov_edge"):
+                vols.append(float(e["ml"]))
+        out[organ] = [min(vols), max(vols)] if vols else None
+    return out
+
+
+def fit_from_results(results, volume_ranges, organs):
+    """Thresholds from validation results: a list of (organ, raw measure dict, reference Dice or None, reference
+    present). Each is set so that at most STATUS_FLAG_GOOD_QUANTILE of the good results (Dice >=
+    STATUS_GOOD_DICE; for the absence flag, the correctly absent ones) would carry that flag."""
+    q = config.STATUS_FLAG_GOOD_QUANTILE
+    default = config.STATUS_DEFAULT_THRESHOLDS
+    out = {k: {} for k in THRESHOLD_KEYS}
+    counts = {}
+    for organ in organs:
+        good = [e for o, e, d, ref in results if o == organ and d is not None and d >= config.STATUS_GOOD_DICE]
+        tn = [e for o, e, d, ref in results if o == organ and not ref and e["voxels"] == 0]
+        counts[organ] = {"good": len(good), "correctly_absent": len(tn)}
+        rng = volume_ranges.get(organ)
+        if rng:  # widen the training range just enough to keep all but q of the good validation volumes inside
+            ratios = [max(rng[0] / e["ml"], e["ml"] / rng[1], 1.0) for e in good if not e["at_edge"]]
+            m = _quantile(ratios, 1 - q) or 1.0
+            out["volume_ml"][organ] = [round(rng[0] / m, 3), round(rng[1] * m, 3)]
+        else:
+            out["volume_ml"][organ] = default["volume_ml"][organ]
+        second = [e["components_ml"][1] if len(e["components_ml"]) > 1 else 0.0 for e in good]
+        fitted = _quantile(second, 1 - q)
+        floor = config.STATUS_MIN_COMPONENT_FLOOR_ML
+        out["min_component_ml"][organ] = round(max(floor, fitted if fitted is not None else 0.0), 3) \
+            if good else default["min_component_ml"][organ]
+        conf = [e["confidence"] for e in good if e.get("confidence") is not None]
+        out["min_confidence"][organ] = round(_quantile(conf, q), 4) if conf else default["min_confidence"][organ]
+        md = [e["mirror_dice"] for e in good if e.get("mirror_dice") is not None]
+        out["min_mirror_dice"][organ] = round(_quantile(md, q), 4) if md else default["min_mirror_dice"][organ]
+        peaks = [e["peak_probability"] for e in tn if e.get("peak_probability") is not None]
+        out["max_absent_probability"][organ] = (round(_quantile(peaks, 1 - q), 4) if peaks
+                                                else default["max_absent_probability"][organ])
+    out["fitted_on"] = {"split": "val", "results": counts, "good_quantile": q, "good_dice": config.STATUS_GOOD_DICE}
+    return out
+
+
+def _dice(a, b):
+    n = int(a.sum()) + int(b.sum())
+    return 2.0 * int((a & b).sum()) / n if n else None
+
+
+def fit_thresholds(checkpoint, split="val", show_progress=None):
+    """Run the checkpoint over `split` in each case's original geometry, fit the flag thresholds and store them
+    in the checkpoint (atomically) under "status_thresholds"; returns them."""
+    import evaluate
+    import inference
+    import preprocessing
+    import train
+
+    checkpoint = Path(checkpoint)
+    device = inference.pick_device()
+    model, ckpt, _ = inference.load_model(checkpoint, device)
+    inference.use_checkpoint_settings(ckpt, quiet=True)
+    organs = tuple(ckpt["model_config"].get("organs", config.ORGANS))
+    splits = json.loads((Path(config.PROCESSED_DIR) / "splits.json").read_text())
+    case_ids = splits.get(split) or []
+    root = evaluate.data_root()
+    results = []
+    for cid in case_ids:
+        try:
+            case = preprocessing.read_case(root / cid)
+        except (preprocessing.CaseError, FileNotFoundError) as exc:
+            print(f"status: fit skipped {cid}: {exc}")
+            continue
+        labels = inference.predict_case(model, case["ct"], device)
+        measures = raw_measures(case["ct"], labels, organs, model_evidence(model, case["ct"], labels, organs, device))
+        for k, organ in enumerate(organs, start=1):
+            ref = case["masks"].get(organ)
+            ref = np.zeros(labels.shape, bool) if ref is None else ref > 0
+            results.append((organ, measures["organs"][organ], _dice(labels == k, ref) if ref.any() else None,
+                            bool(ref.any())))
+    ranges = training_volume_ranges(config.PROCESSED_DIR, splits.get("train") or [], organs)
+    thresholds = fit_from_results(results, ranges, organs)
+    thresholds["fitted_on"]["cases"] = len(case_ids)
+    ckpt["status_thresholds"] = thresholds
+    train.save_atomic(ckpt, checkpoint)
+    print(f"status: thresholds fitted on {len(case_ids)} {split} cases, stored in {checkpoint}")
+    return thresholds
+
+
+def fit_thresholds_safely(checkpoint, split="val"):
+    """fit_thresholds() for train.py: a failure costs the fitted thresholds (defaults are used), not the run; the
+    settings it takes from the checkpoint are put back afterwards, so training's own config is left as it was."""
+    saved = {name: getattr(config, name) for name in dir(config) if name.isupper()}
+    try:
+        return fit_thresholds(checkpoint, split)
+    except (ValueError, OSError, KeyError) as exc:
+        print(f"status: flag thresholds not fitted ({exc}); evaluation and prediction will use "
+              "config.STATUS_DEFAULT_THRESHOLDS")
+        return None
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Preview PNG
+# --------------------------------------------------------------------------------------------
+PREVIEW_COLORS = {"prostate": "tab:orange", "bladder": "tab:blue", "rectum": "tab:green"}
+PREVIEW_HU = (-200, 400)  # display window
+
+
+def preview_png(ct_img, labels, organs, path, title):
+    """Axial, coronal and sagittal slices through the organs' centre with each organ's outline (RAS, radiological:
+    patient right on the viewer's left)."""
+    from nibabel import orientations as nio
+    from fileio import pyplot, save_figure
+
+    plt = pyplot()
+    to_ras = nio.ornt_transform(nio.io_orientation(ct_img.affine), nio.axcodes2ornt("RAS"))
+    ct = nio.apply_orientation(np.asanyarray(ct_img.dataobj).astype(np.float32), to_ras)
+    lab = nio.apply_orientation(np.asarray(labels), to_ras)
+    spacing = np.asarray(sorted(zip(nio.io_orientation(ct_img.affine)[:, 0],
+                                    np.linalg.norm(ct_img.affine[:3, :3], axis=0))))[:, 1]
+    centre = np.round(np.argwhere(lab > 0).mean(0)).astype(int) if lab.any() else np.asarray(ct.shape) // 2
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    for ax, (name, axis, (a, b)) in zip(axes, [("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2))]):
+        sl = [slice(None)] * 3
+        sl[axis] = int(centre[axis])
+        extent = [0, ct.shape[a] * spacing[a], 0, ct.shape[b] * spacing[b]]
+        ax.imshow(ct[tuple(sl)].T, cmap="gray", vmin=PREVIEW_HU[0], vmax=PREVIEW_HU[1], origin="lower",
+                  extent=extent, interpolation="nearest")
+        for k, organ in enumerate(organs, start=1):
+            m = (lab[tuple(sl)] == k).T
+            if m.any() and not m.all():
+                ax.contour(m, levels=[0.5], colors=PREVIEW_COLORS.get(organ, "red"), linewidths=1.2, origin="lower",
+                           extent=extent)
+        if axis != 0:
+            ax.invert_xaxis()
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    from matplotlib.lines import Line2D
+    fig.legend(handles=[Line2D([], [], color=PREVIEW_COLORS.get(o, "red"), label=o) for o in organs],
+               loc="lower center", ncol=len(organs), fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def read_rows(paths):
+    rows = []
+    for path in paths:
+        with open(path, newline="") as fh:
+            rows += list(csv.DictReader(fh))
+    return rows
+
+
+def check_rule(data_root):
+    """The status rule applied to the reference masks themselves (a perfect segmenter) on every case of a
+    labelled folder whose meta.json holds the true status: isolates the landmark and the rule from the model.
+    Returns (summary, mismatches)."""
+    import preprocessing
+
+    rows, mismatches = [], []
+    organs = tuple(config.ORGANS)
+    for case_dir in preprocessing.find_cases(data_root):
+        case = preprocessing.read_case(case_dir)
+        labels = np.zeros(case["ct"].shape, np.uint8)
+        for k, organ in enumerate(organs, start=1):
+            if case["masks"][organ] is not None:
+                labels[case["masks"][organ] > 0] = k
+        _, report = assess(case["ct"], labels, None, "cpu", dict(config.STATUS_DEFAULT_THRESHOLDS), organs)
+        truth = true_status(case_dir, case["masks"], organs)
+        rows.append(row_fields(report, truth, organs))
+        for organ in organs:
+            if truth[organ] != report["organs"][organ]["status"]:
+                mismatches.append(f"{case_dir.name} {organ}: true {truth[organ]}, rule "
+                                  f"{report['organs'][organ]['status']} (pelvis {report['pelvis']}, scan z "
+                                  f"{report['scan_z_mm']})")
+    return summarize(rows, organs), mismatches
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fit", action="store_true", help="fit the flag thresholds on the val split")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: CHECKPOINT_DIR/best_model.pth")
+    parser.add_argument("--measure", nargs="+", type=Path, metavar="CSV", help="metrics_per_case.csv files")
+    parser.add_argument("--landmarks", nargs="+", type=Path, metavar="CT", help="report the femoral heads")
+    parser.add_argument("--check-rule", type=Path, metavar="DATA_ROOT",
+                        help="status rule on the reference masks vs the true status in each meta.json")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        config.configure(rest)
+        if args.fit:
+            fit_thresholds(args.checkpoint or Path(config.CHECKPOINT_DIR) / "best_model.pth")
+        if args.measure:
+            rows = read_rows(args.measure)
+            organs = [c[len("pred_status_"):] for c in rows[0] if c.startswith("pred_status_")] if rows else []
+            print("\n".join(report_markdown(summarize(rows, organs))))
+        if args.check_rule:
+            summary, mismatches = check_rule(args.check_rule)
+            print("\n".join(report_markdown(summary)[:12] + mismatches))
+        for path in args.landmarks or []:
+            import preprocessing
+            img = preprocessing.load_ct(path)
+            hu, geom = preprocessing.prepare_ct(img)
+            heads = find_femoral_heads(hu, np.asarray(geom["model_affine"]))
+            print(f"{path}: scan z {scan_z_extent(img)} mm; femoral heads {heads}")
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        sys.exit(f"status: {exc}")
+    if not (args.fit or args.measure or args.landmarks or args.check_rule):
+        parser.print_help()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""status.py: the femoral-head landmark, each status, each quality flag, thresholds, volumes.json and the tables."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import config
+import status
+from test_predict import tiny_checkpoint  # noqa: F401  (fixture)
+
+SPACING = 3.0  # mm, isotropic test grid (= STATUS_LANDMARK_SPACING: no block averaging)
+SHAPE = (100, 80, 60)  # 300 x 240 x 180 mm, world (0, 0, 0) at the centre
+
+
+def make_ct(heads=((-88.0, 0.0, 0.0), (88.0, 0.0, 0.0)), radius=24.0, rim_hu=800, core_hu=250, shape=SHAPE,
+            flip_x=False):
+    """Body of muscle (40 HU) in air, with balls of `radius` mm at `heads` (world RAS mm): a cortical rim of
+    rim_hu around a cancellous core of core_hu. Stored LAS when flip_x (the world stays the same)."""
+    affine = np.diag([SPACING, SPACING, SPACING, 1.0])
+    affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * SPACING
+    x, y, z = (np.indices(shape).reshape(3, -1).T * SPACING + affine[:3, 3]).T.reshape((3,) + shape)
+    hu = np.full(shape, -1000, np.int16)
+    hu[(x / 140) ** 2 + (y / 100) ** 2 <= 1] = 40
+    for c in heads:
+        d = np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2)
+        hu[d <= radius] = rim_hu
+        hu[d <= radius - 4] = core_hu
+    if flip_x:
+        hu = hu[::-1]
+        affine = affine @ np.array([[-1, 0, 0, shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    return nib.Nifti1Image(hu, affine)
+
+
+def world_box(img, lo, hi, value, labels=None):
+    """Label map on img's grid with `value` where the world position lies in the box [lo, hi] (mm)."""
+    labels = np.zeros(img.shape, np.uint8) if labels is None else labels
+    pos = nib.affines.apply_affine(img.affine, np.indices(img.shape).reshape(3, -1).T).reshape(img.shape + (3,))
+    inside = np.all((pos >= lo) & (pos <= hi), axis=-1)
+    labels[inside] = value
+    return labels
+
+
+@pytest.fixture(autouse=True)
+def coarse_grid():
+    config.TARGET_SPACING = (SPACING,) * 3
+
+
+# --- Landmark -------------------------------------------------------------------------------
+def test_femoral_heads_found_where_they_are():
+    heads = status.find_femoral_heads(np.asarray(make_ct().dataobj), make_ct().affine)
+    assert heads["found"]
+    (xr, _, zr), (xl, _, zl) = heads["heads_mm"]
+    assert abs(xr + 88) <= SPACING and abs(xl - 88) <= SPACING and abs(heads["z_mm"]) <= SPACING
+    assert all(20 <= r <= 26 for r in heads["radius_mm"])  # depth inside a 24 mm ball, on a 3 mm grid
+
+
+@pytest.mark.parametrize("kwargs, why", [
+    (dict(heads=((-88.0, 0.0, 0.0),)), "one ball is not a pair"),
+    (dict(heads=((-140.0, 0.0, 0.0), (140.0, 0.0, 0.0)), shape=(120, 80, 60)), "too far apart (shoulders)"),
+    (dict(heads=((-88.0, 0.0, -45.0), (88.0, 0.0, 45.0))), "not at the same height"),
+    (dict(radius=9.0), "too thin for a femoral head"),
+    (dict(rim_hu=200, core_hu=200), "no cortical rim (an enhanced kidney)"),
+    (dict(heads=((-10.0, 0.0, 0.0), (160.0, 0.0, 0.0)), shape=(120, 80, 60)), "not either side of the midline"),
+    (dict(heads=()), "no bone at all"),
+])
+def test_no_femoral_heads(kwargs, why):
+    img = make_ct(**kwargs)
+    assert not status.find_femoral_heads(np.asarray(img.dataobj), img.affine)["found"], why
+
+
+# --- Status -----------------------------------------------------------------------------------
+def test_status_rule_table():
+    assert status.organ_status(True, False, True, True) == "present"
+    assert status.organ_status(True, True, True, True) == "partially_imaged"
+    assert status.organ_status(False, False, True, True) == "absent"
+    assert status.organ_status(False, False, False, True) == "not_imaged"
+    assert status.organ_status(True, False, True, False) == "not_imaged"  # no pelvis: whatever was predicted
+
+
+def test_centre_in_scan():
+    config.STATUS_ORGAN_CENTRE_MM = {"prostate": -35.0}
+    pelvis = {"found": True, "z_mm": 5.0}
+    assert status.centre_in_scan("prostate", pelvis, (-200.0, 200.0))
+    assert status.centre_in_scan("prostate", pelvis, (-30.0, 200.0))
+    assert not status.centre_in_scan("prostate", pelvis, (-29.0, 200.0))
+    assert not status.centre_in_scan("prostate", {"found": False}, (-200.0, 200.0))
+
+
+def test_assess_each_status_on_hand_made_scans():
+    thresholds = dict(config.STATUS_DEFAULT_THRESHOLDS)
+    # Pelvis: bladder above the heads, prostate not predicted, rectum cut by the top face of the grid.
+    img = make_ct(flip_x=True)
+    labels = world_box(img, (-20, 20, 15), (20, 50, 50), 2)
+    labels = world_box(img, (-15, -60, 40), (15, -40, 90), 3, labels)
+    out, report = status.assess(img, labels, None, "cpu", thresholds)
+    got = {o: e["status"] for o, e in report["organs"].items()}
+    assert got == {"prostate": "absent", "bladder": "present", "rectum": "partially_imaged"}
+    assert report["pelvis"]["found"] and np.array_equal(out, labels)
+    assert "touches_edge" in [f["code"] for f in report["organs"]["rectum"]["flags"]]
+    # Chest: no femoral heads; a predicted "bladder" there is removed.
+    chest = make_ct(heads=())
+    labels = world_box(chest, (-20, 20, 15), (20, 50, 50), 2)
+    out, report = status.assess(chest, labels, None, "cpu", thresholds)
+    assert {e["status"] for e in report["organs"].values()} == {"not_imaged"}
+    assert not out.any() and report["organs"]["bladder"]["removed_ml"] == pytest.approx((labels == 2).sum() * 27e-3)
+    config.STATUS_CLEAR_NOT_IMAGED = False
+    out, _ = status.assess(chest, labels, None, "cpu", thresholds)
+    assert np.array_equal(out, labels)
+
+
+# --- Flags ------------------------------------------------------------------------------------
+THRESHOLDS = {"volume_ml": {"prostate": [10.0, 60.0], "bladder": [50.0, 500.0], "rectum": [20.0, 120.0]},
+              "min_component_ml": {"prostate": 1.0, "bladder": 2.0, "rectum": 2.0},
+              "min_confidence": {"prostate": 0.7, "bladder": 0.7, "rectum": 0.7},
+              "min_mirror_dice": {"prostate": 0.8, "bladder": 0.8, "rectum": 0.8},
+              "max_absent_probability": {"prostate": 0.3, "bladder": 0.3, "rectum": 0.3}}
+
+
+def organ(ml=30.0, centre=(0.0, 0.0, 0.0), **kw):
+    e = dict(voxels=int(ml * 100), ml=ml, at_edge=False, centroid_mm=None if centre is None else list(centre),
+             components_ml=[ml] if ml else [],
+             confidence=0.9, mirror_dice=0.95, mirror_ml=ml, peak_probability=0.99, centre_imaged=True)
+    e.update(kw)
+    return e
+
+
+def flags_of(name, e, others=None, pelvis=None, st="present"):
+    organs = {"prostate": organ(30, (0, 10, -30)), "bladder": organ(200, (0, 20, 20)), "rectum": organ(60, (0, -30, 0))}
+    organs.update(others or {})
+    organs[name] = e
+    measures = {"organs": organs, "pelvis": pelvis or {"found": True, "z_mm": 0.0}}
+    return [f["code"] for f in status.organ_flags(name, e, measures, st, THRESHOLDS)]
+
+
+def test_good_organs_carry_no_flag():
+    for name, e in {"prostate": organ(30, (0, 10, -30)), "bladder": organ(200, (0, 20, 20)),
+                    "rectum": organ(60, (0, -30, 0))}.items():
+        assert flags_of(name, e) == [], name
+
+
+@pytest.mark.parametrize("name, e, code", [
+    ("bladder", organ(700, (0, 20, 20)), "volume_high"),
+    ("prostate", organ(4, (0, 10, -30)), "volume_low"),
+    ("bladder", organ(200, (0, 20, 20), components_ml=[190.0, 10.0]), "fragmented"),
+    ("prostate", organ(30, (0, 10, 40)), "order_prostate_bladder"),
+    ("rectum", organ(60, (0, 30, 0)), "order_rectum"),
+    ("bladder", organ(200, (0, 20, 20), at_edge=True), "touches_edge"),
+    ("bladder", organ(200, (0, 20, 150)), "outside_region"),
+    ("rectum", organ(60, (0, -30, 0), confidence=0.5), "low_confidence"),
+    ("rectum", organ(60, (0, -30, 0), mirror_dice=0.6), "mirror_disagreement"),
+])
+def test_each_flag(name, e, code):
+    got = flags_of(name, e)
+    assert code in got, got
+    assert len(got) == 1 or code == "order_prostate_bladder" and "outside_region" in got  # 40 mm is also high
+
+
+def test_flags_of_absent_organs_and_reasons():
+    assert flags_of("prostate", organ(0, None, voxels=0, peak_probability=0.6, mirror_ml=0), st="absent") == \
+        ["uncertain_absence"]
+    assert flags_of("prostate", organ(0, None, voxels=0, peak_probability=0.1, mirror_ml=5.0), st="absent") == \
+        ["mirror_disagreement"]
+    assert flags_of("prostate", organ(0, None, voxels=0, peak_probability=0.1, mirror_ml=0), st="absent") == []
+    # a cut organ's small volume is a lower bound: no volume_low
+    assert flags_of("prostate", organ(4, (0, 10, -30), at_edge=True)) == ["touches_edge"]
+    e = organ(700, (0, 20, 20))
+    reason = status.organ_flags("bladder", e, {"organs": {"bladder": e}, "pelvis": {}}, "present", THRESHOLDS)
+    assert reason == [{"code": "volume_high", "reason": "volume above the range seen in training (700.0 mL > 500.0)"}]
+
+
+def test_console_line():
+    organs = {"prostate": {"status": "absent", "ml": 0.0, "flags": []},
+              "bladder": {"status": "present", "ml": 312.2, "flags": [{"code": "volume_high", "reason": "x"}]},
+              "rectum": {"status": "not_imaged", "ml": 0.0, "flags": []}}
+    assert status.console_line("BDMAP_x", organs) == \
+        "BDMAP_x: prostate absent, bladder 312 mL (flag: volume_high), rectum not imaged"
+
+
+# --- Thresholds -------------------------------------------------------------------------------
+def test_old_checkpoint_gets_defaults_with_a_message(capsys):
+    got = status.thresholds_of({"model": {}, "model_config": {}})
+    assert got["volume_ml"] == config.STATUS_DEFAULT_THRESHOLDS["volume_ml"] and got["fitted_on"] is None
+    assert "no fitted status thresholds" in capsys.readouterr().out
+    fitted = dict(THRESHOLDS, fitted_on={"split": "val"})
+    assert status.thresholds_of({"status_thresholds": fitted}) is fitted
+
+
+def test_fit_from_results_uses_the_good_validation_results():
+    config.STATUS_FLAG_GOOD_QUANTILE = 0.0  # no good validation result may be flagged
+    good = [organ(ml, confidence=c, mirror_dice=m, components_ml=[ml] + extra)
+            for ml, c, m, extra in ((40, 0.8, 0.90, []), (50, 0.9, 0.95, [1.5]), (80, 0.95, 0.97, []))]
+    bad = organ(5, confidence=0.3, mirror_dice=0.2)
+    absent = organ(0, voxels=0, peak_probability=0.35)
+    results = [("bladder", e, 0.95, True) for e in good] + [("bladder", bad, 0.2, True), ("bladder", absent, None, False)]
+    got = status.fit_from_results(results, {"bladder": [45.0, 70.0]}, ("bladder",))
+    assert got["min_confidence"]["bladder"] == pytest.approx(0.8)
+    assert got["min_mirror_dice"]["bladder"] == pytest.approx(0.9)
+    assert got["volume_ml"]["bladder"] == pytest.approx([45.0 / (80 / 70), 80.0])  # widened to hold 40 and 80 mL
+    assert got["min_component_ml"]["bladder"] == pytest.approx(1.5)
+    assert got["max_absent_probability"]["bladder"] == pytest.approx(0.35)
+    assert got["fitted_on"]["results"]["bladder"] == {"good": 3, "correctly_absent": 1}
+
+
+# --- Model evidence ---------------------------------------------------------------------------
+class Bright(torch.nn.Module):
+    """Pointwise: bladder logit 8 * (intensity - 0.2), the other organs -5; mirroring commutes with it."""
+
+    def forward(self, x):
+        return torch.cat([torch.full_like(x, -5.0), 8 * (x - 0.2), torch.full_like(x, -5.0)], dim=1)
+
+
+def test_model_evidence_confidence_and_mirror():
+    config.PATCH_SIZE, config.AMP = (32, 32, 32), False
+    img = make_ct(heads=((60.0, 0.0, 0.0),))  # one bright ball right of the midline: not symmetric
+    hu = np.asarray(img.dataobj)
+    labels = (hu > 100).astype(np.uint8) * 2
+    ev = status.model_evidence(Bright(), img, labels, config.ORGANS, "cpu")["organs"]
+    import preprocessing
+    norm = torch.from_numpy(preprocessing.normalize_hu(hu[labels == 2].astype(np.float32)))
+    logits = torch.stack([torch.zeros_like(norm), torch.full_like(norm, -5.0), 8 * (norm - 0.2),
+                          torch.full_like(norm, -5.0)])
+    expected = torch.softmax(logits, dim=0)[2].mean().item()  # independent: torch's softmax on the voxels
+    assert ev["bladder"]["confidence"] == pytest.approx(expected, rel=1e-4)
+    assert ev["bladder"]["mirror_dice"] == pytest.approx(1.0)
+    assert ev["prostate"]["confidence"] is None and ev["prostate"]["peak_probability"] < 0.01
+
+
+# --- Tables ---------------------------------------------------------------------------------------
+def test_summarize_confusion_and_catch_rates():
+    rows = [{"status_bladder": "present_detected", "dice_bladder": "0.95", "pred_status_bladder": "present",
+             "true_status_bladder": "present", "flags_bladder": ""},
+            {"status_bladder": "present_detected", "dice_bladder": "0.5", "pred_status_bladder": "present",
+             "true_status_bladder": "present", "flags_bladder": "low_confidence"},
+            {"status_bladder": "false_organ", "dice_bladder": "", "pred_status_bladder": "present",
+             "true_status_bladder": "absent", "flags_bladder": ""},
+            {"status_bladder": "correctly_absent", "dice_bladder": "", "pred_status_bladder": "not_imaged",
+             "true_status_bladder": "not_imaged", "flags_bladder": ""}]
+    s = status.summarize(rows, ["bladder"])
+    assert s["confusion"]["absent"]["present"] == 1 and s["status_correct"] == 3 and s["status_known"] == 4
+    assert (s["bad"], s["bad_flagged"], s["good"], s["good_flagged"]) == (2, 1, 1, 0)
+    assert s["per_flag"] == {"low_confidence": {"bad": 1, "good": 0, "other": 0}}
+    text = "\n".join(status.report_markdown(s))
+    assert "| absent | 1 | 0 | 0 | 0 |" in text and "1/2 (50 %)" in text
+
+
+def test_true_status_from_meta_or_masks(tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"status": {"prostate": "absent"}}))
+    m = np.zeros((5, 5, 5), np.uint8)
+    edge = m.copy()
+    edge[0, 2, 2] = 1
+    inner = m.copy()
+    inner[2, 2, 2] = 1
+    got = status.true_status(tmp_path, {"prostate": None, "bladder": inner, "rectum": edge},
+                             ("prostate", "bladder", "rectum"))
+    assert got == {"prostate": "absent", "bladder": "present", "rectum": "partially_imaged"}
+    assert status.true_status(tmp_path / "none", {"prostate": m}, ("prostate",)) == {"prostate": None}
+
+
+# --- predict.py: volumes.json schema, console line, preview -----------------------------------------
+def test_predict_writes_status_schema_and_preview(tmp_path, tiny_checkpoint, capsys):  # noqa: F811
+    import predict
+
+    config.AMP, config.SW_OVERLAP, config.SW_BATCH = False, 0.0, 8  # few windows: this test is about the outputs
+    src = tmp_path / "scan.nii.gz"
+    nib.save(make_ct(flip_x=True, shape=(80, 50, 30)), str(src))
+    done, failed = predict.predict_files([src], tmp_path / "out", tiny_checkpoint, preview=True)
+    assert not failed and len(done) == 1
+    out = capsys.readouterr().out
+    assert "no fitted status thresholds" in out and "predict: scan: prostate " in out
+    record = json.loads((tmp_path / "out" / "scan" / "volumes.json").read_text())
+    assert record["pelvis"]["found"] and len(record["scan_z_mm"]) == 2
+    for name, e in record["organs"].items():
+        assert e["status"] in status.STATUSES and isinstance(e["ml"], float) and isinstance(e["present"], bool)
+        assert all(set(f) == {"code", "reason"} and f["code"] in status.FLAGS for f in e["flags"])
+        assert e["present"] == (e["status"] in ("present", "partially_imaged"))
+    assert (tmp_path / "out" / "scan" / "preview.png").stat().st_size > 1000
