@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import config
+import data
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +58,13 @@ def processed(tmp_path):
 def test_sampler_balances_organs_and_pads(processed, monkeypatch):
     monkeypatch.setattr(config, "FOREGROUND_FRACTION", 1.0)
     cases = ["BDMAP_00000001", "BDMAP_00000002"]
-    sampler = train.PatchSampler(cases, processed, (16, 16, 16), torch.Generator().manual_seed(0))
+    sampler = data.PatchSampler(cases, processed, (16, 16, 16), torch.Generator().manual_seed(0))
     img, lab = sampler.batch(60)
     assert img.shape == (60, 1, 16, 16, 16) and lab.shape == (60, 16, 16, 16)
     centre = lab[:, 8, 8, 8]  # the patch is centred on the drawn organ voxel
     counts = [(centre == k).sum().item() for k in (1, 2, 3)]
     assert min(counts) >= 12, counts  # organs drawn in turn: the small prostate as often as the others
-    wide = train.PatchSampler(cases, processed, (40, 16, 16), torch.Generator().manual_seed(0))
+    wide = data.PatchSampler(cases, processed, (40, 16, 16), torch.Generator().manual_seed(0))
     img, lab = wide.batch(4)
     assert img.shape == (4, 1, 40, 16, 16)
     assert img[:, 0, 36:].max() <= -0.99 and lab[:, 36:].max() == 0  # cases are 36 wide: padded with air
@@ -83,7 +84,7 @@ def test_few_steps_lower_the_loss(processed, monkeypatch, tmp_path):
     torch.manual_seed(0)
     model = train.multi_decoder_model.build_model_from_config()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    sampler = train.PatchSampler(["BDMAP_00000001"], processed, (16, 16, 16), torch.Generator().manual_seed(0))
+    sampler = data.PatchSampler(["BDMAP_00000001"], processed, (16, 16, 16), torch.Generator().manual_seed(0))
     img, lab = sampler.batch(2)
     losses = []
     for _ in range(25):
