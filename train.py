@@ -4,8 +4,9 @@ Usage:
     python train.py [--resume] [--EPOCHS=5 ...]            # one process (GPU if present, else CPU)
     torchrun --nproc_per_node=2 train.py [--EPOCHS=5 ...]  # several processes (NCCL on GPU, gloo on CPU)
 
-Patches come from data.py (sampling from memory-mapped cases, augmentation). Every random draw comes from
-one torch.Generator whose state is checkpointed, so `--resume` continues exactly where the run stopped.
+Patches come from data.py (sampling from memory-mapped cases and augmentation, in LOADER_WORKERS background
+processes). Each step's random draws come from a generator seeded by (SEED, rank, epoch, step) alone, so a
+seeded run is the same for any number of workers and `--resume` continues exactly where the run stopped.
 """
 import argparse
 import json
@@ -150,17 +151,14 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
 # --------------------------------------------------------------------------------------------
 # Train and validate
 # --------------------------------------------------------------------------------------------
-def train_one_epoch(model, sampler, optimizer, scheduler, scaler, device, gen, show_progress):
+def train_one_epoch(model, batches, optimizer, scheduler, scaler, device, show_progress):
+    """ITERS_PER_EPOCH steps on the next batches of `batches` (data.batches: already on the device)."""
     model.train()
     dtype = inference.amp_dtype(device)
     losses = []
     steps = tqdm(range(config.ITERS_PER_EPOCH), disable=not show_progress, leave=False, desc="train")
     for _ in steps:
-        img, lab = sampler.batch(config.BATCH_SIZE)
-        if config.AUGMENT:
-            img, lab = data.augment(img, lab, gen)
-        img = img.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last_3d)
-        lab = lab.to(device, non_blocking=True)
+        img, lab = next(batches)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(img)
         loss = dice_ce_loss(logits, lab)
@@ -231,14 +229,14 @@ def largest_component_decision(val):
     return val["score_largest_component"] is not None and val["score_largest_component"] > val["score"]
 
 
-def _rng_state(gen):
-    return {"torch": torch.get_rng_state(), "gen": gen.get_state(),
+def _rng_state():
+    """The global RNG states (patches and augmentation have none to keep: data.step_generator)."""
+    return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _set_rng_state(state, gen):
+def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    gen.set_state(state["gen"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -275,8 +273,7 @@ def train(resume=False, show_progress=None, stop_after=None):
     splits = _read_splits()
     if not splits.get("train"):
         raise ValueError(f"{Path(config.PROCESSED_DIR) / 'splits.json'}: the train split is empty")
-    gen = torch.Generator().manual_seed(config.SEED + 1000 * rank)  # each rank draws its own patches
-    sampler = data.PatchSampler(splits["train"], config.PROCESSED_DIR, config.PATCH_SIZE, gen)
+    sampler = data.PatchSampler(splits["train"], config.PROCESSED_DIR, config.PATCH_SIZE)  # rank's own: see batches
 
     model = multi_decoder_model.build_model_from_config().to(device).to(memory_format=torch.channels_last_3d)
     optimizer = make_optimizer(model)
@@ -294,7 +291,7 @@ def train(resume=False, show_progress=None, stop_after=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"], gen)
+        _set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_epoch, best = ckpt["epoch"], ckpt["best"]
         if main_rank:
             print(f"resuming from {last_path} after epoch {start_epoch}")
@@ -317,11 +314,13 @@ def train(resume=False, show_progress=None, stop_after=None):
                   "parameters": sum(p.numel() for p in model.parameters())}
         write_text_atomic(log_dir / "run.json", json.dumps(record, indent=2))
     t_start = time.time()
+    # One loader for the whole run: its workers start once and keep making batches while we validate.
+    batches = data.batches(sampler, start_epoch, config.EPOCHS, rank, device)
     for epoch in range(start_epoch + 1, config.EPOCHS + 1):
         t0 = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        train_loss = train_one_epoch(net, sampler, optimizer, scheduler, scaler, device, gen, show_progress)
+        train_loss = train_one_epoch(net, batches, optimizer, scheduler, scaler, device, show_progress)
         if world > 1:
             t = torch.tensor([train_loss], device=device)
             torch.distributed.all_reduce(t)
@@ -343,7 +342,7 @@ def train(resume=False, show_progress=None, stop_after=None):
             entry["epoch_time_s"] = time.time() - t0
             ckpt = {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                    "rng": _gather_rng(gen, world), "best": best, "settings": config.settings(),
+                    "rng": _gather_rng(world), "best": best, "settings": config.settings(),
                     "largest_component": best.get("largest_component", False),
                     "run": config.run_record(device)}
             # Order matters under kill -9: log line, best, then last. A resume restarts after the last whole
@@ -359,11 +358,12 @@ def train(resume=False, show_progress=None, stop_after=None):
                   f"{entry['patches_per_s']:.1f} patches/s {entry['epoch_time_s']:.0f}s"
                   + (f" | val dice {dice_txt}" if dice_txt else "") + (" *best*" if entry["best"] else ""), flush=True)
         elif world > 1:
-            _gather_rng(gen, world)
+            _gather_rng(world)
         if world > 1:
             torch.distributed.barrier()
         if stop_after is not None and epoch >= stop_after:
             break
+    batches.close()  # stops the loader's workers
     if main_rank:
         record = json.loads((log_dir / "run.json").read_text())
         record.update({"end_time": time.strftime("%Y-%m-%d %H:%M:%S"), "train_seconds": time.time() - t_start,
@@ -374,9 +374,9 @@ def train(resume=False, show_progress=None, stop_after=None):
     return best_path
 
 
-def _gather_rng(gen, world):
+def _gather_rng(world):
     """Every rank's RNG state (rank 0 gets the list; others just take part in the gather)."""
-    state = _rng_state(gen)
+    state = _rng_state()
     if world == 1:
         return state
     states = [None] * world
@@ -395,8 +395,13 @@ def main(argv=None):
     print(f"profile {profile}; overrides {overrides or 'none'}")
     try:
         train(resume=args.resume)
-    except (FileNotFoundError, ValueError) as exc:  # no processed/, bad checkpoint to resume: one line
+    except (FileNotFoundError, ValueError, data.LoaderError) as exc:  # no processed/, bad checkpoint, dead worker
         sys.exit(f"train: {exc}")
+    except (RuntimeError, ConnectionError, EOFError) as exc:  # a worker's death can surface anywhere (SIGCHLD)
+        line = data.worker_failure(exc)
+        if line is None:
+            raise
+        sys.exit(f"train: {line}")
 
 
 if __name__ == "__main__":
