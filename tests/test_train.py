@@ -136,3 +136,48 @@ def test_torchrun_two_processes_gloo(processed, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best_model.pth", "checkpoint_last.pth"]
     assert len((tmp_path / "logs" / "train_log.jsonl").read_text().splitlines()) == 1
+
+
+def test_presence_rule_removes_false_organs_smaller_than_true_ones():
+    import train
+    # (reference voxels, predicted voxels, overlap): two true organs, two small false ones, one large false one
+    overlaps = [(100, 90, 80), (50, 60, 45), (0, 5, 0), (0, 12, 0), (0, 0, 0)]
+    ml, score = train.presence_decision(overlaps, voxel_ml=1.0)
+    assert 12 < ml < 60 and ml == pytest.approx((12 * 60) ** 0.5)  # between the largest false and smallest true
+    assert score == pytest.approx(np.mean([160 / 190, 90 / 110]))
+    assert train._organ_score(overlaps, 0) < score  # keeping them scored worse (false organs count 0)
+    # nothing to remove: the cut stays 0 (keep every voxel)
+    assert train.presence_decision([(100, 90, 80), (0, 0, 0)], 1.0)[0] == 0.0
+    # a cut that would delete a true organ is never taken when it lowers the score
+    assert train.presence_decision([(100, 4, 4), (0, 30, 0)], 1.0)[0] == 0.0
+    # organ in no reference: removing its false predictions wins
+    assert train.presence_decision([(0, 7, 0), (0, 0, 0)], 0.5)[0] > 3.5
+
+
+def test_drop_small_organs_applies_the_rule():
+    import inference
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[:2, :2, :2] = 1  # 8 voxels of prostate
+    labels[5:, 5:, 5:] = 2  # 125 voxels of bladder
+    out = inference.drop_small_organs(labels, {"prostate": 10.0, "bladder": 10.0}, voxel_ml=1.0)
+    assert (out == 1).sum() == 0 and (out == 2).sum() == 125
+    assert np.array_equal(inference.drop_small_organs(labels, {}, 1.0), labels)
+
+
+def test_presence_floor_from_the_training_split(tmp_path, monkeypatch):
+    import train
+    monkeypatch.setattr(config, "PROCESSED_DIR", tmp_path)
+    for cid, ml, edge in (("a", 40.0, False), ("b", 12.0, False), ("c", 2.0, True)):  # c is cut by the edge
+        (tmp_path / "cases" / cid).mkdir(parents=True)
+        organs = {"bladder": {"present": True, "ml": ml, "touches_fov_edge": edge},
+                  "prostate": {"present": False, "ml": 0.0}}
+        (tmp_path / "cases" / cid / "meta.json").write_text(json.dumps({"organs": organs}))
+    floor = train.organ_volume_floor(["a", "b", "c"])
+    assert floor == {"prostate": 0.0, "bladder": pytest.approx(config.PRESENCE_FLOOR * 12.0), "rectum": 0.0}
+    # the floor wins over a smaller validation cut (here 0: nothing false to remove); the true bladder stays
+    val = {"overlap": {False: {"prostate": [], "bladder": [(50, 50, 45), (0, 0, 0)], "rectum": []}},
+           "score": None, "score_largest_component": None}
+    monkeypatch.setattr(config, "LARGEST_COMPONENT", "off")
+    monkeypatch.setattr(config, "TARGET_SPACING", (10.0, 10.0, 10.0))  # 1 voxel = 1 mL
+    keep, min_ml, score = train.postprocess_decision(val, {"bladder": 1.2})
+    assert keep is False and min_ml["bladder"] == 1.2 and score == pytest.approx(0.9)
