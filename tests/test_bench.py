@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_smoke_writes_every_row(tmp_path):
     out = tmp_path / "b.md"
     run = subprocess.run([sys.executable, "bench.py", "--smoke", "--out", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=900)
+                         text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-2000:]
     table = out.read_text()
     assert "failed" not in table
@@ -29,7 +29,7 @@ def test_bench_gpu_smoke_runs_the_device_check_on_the_cpu(tmp_path):
     out, js = tmp_path / "g.md", tmp_path / "g.json"
     out.write_text("# Benchmarks\n\nthe CPU table\n")
     run = subprocess.run([sys.executable, "bench.py", "--gpu", "--smoke", "--out", str(out), "--json", str(js)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-2000:]
     text = out.read_text()
     assert "the CPU table" in text and text.count("<!-- bench.py --gpu: begin -->") == 1  # a section, not a new file

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_processed(folder, n_cases=4, shape=(36, 34, 33), seed=0):
-    """A tiny processed/ tree: soft-tissue body, three blob organs of distinct HU, splits.json."""
+    """A tiny processed/ tree: soft-tissue body, three blob organs of distinct HU, meta.json, splits.json."""
     rng = np.random.default_rng(seed)
     ids = [f"BDMAP_{i:08d}" for i in range(1, n_cases + 1)]
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
@@ -35,6 +35,9 @@ def make_processed(folder, n_cases=4, shape=(36, 34, 33), seed=0):
         ct += rng.normal(0, 15, shape).astype(np.int16)
         np.save(case / "ct.npy", ct)
         np.save(case / "label.npy", label)
+        organs = {o: {"present": bool((label == k).any()), "ml": float((label == k).sum()) / 1000.0,
+                      "touches_fov_edge": False} for k, o in enumerate(config.ORGANS, start=1)}  # 1 mm voxels
+        (case / "meta.json").write_text(json.dumps({"organs": organs}))  # as preprocessing writes it
     splits = {"seed": 0, "train": ids[:2], "val": ids[2:3], "test": ids[3:]}
     (Path(folder) / "splits.json").write_text(json.dumps(splits))
     return ids
