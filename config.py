@@ -98,7 +98,8 @@ LARGEST_COMPONENT = "auto"  # largest connected component per organ: "on", "off"
                             # validation split during training and stored in the checkpoint
 PRESENCE_RULE = "auto"  # "auto": an organ predicted smaller than a minimum volume is absent, the minimum per organ
                         # decided on the validation split during training and stored in the checkpoint; "off"
-PRESENCE_FLOOR = 0.1  # the minimum is at least this fraction of the smallest whole organ of the training split
+PRESENCE_BOUNDS = (0.1, 0.5)  # the minimum stays between these fractions of the smallest whole organ of the
+                              # training split: never keep less than a tenth of it, never drop half of it
 MIN_ORGAN_ML = {}  # that decision (mL per organ, model space); set from the checkpoint by evaluate and predict
 
 # --- Device profiles: applied before command-line overrides ---------------------------------

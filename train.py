@@ -260,10 +260,12 @@ def largest_component_decision(val):
     return val["score_largest_component"] is not None and val["score_largest_component"] > val["score"]
 
 
-def organ_volume_floor(case_ids):
-    """{organ: PRESENCE_FLOOR x the smallest volume (mL) of that organ in these cases, organs cut by the scan
-    edge left out}: no real organ is that small, so the presence rule never keeps less (0 when none is seen)."""
-    floor = {}
+def organ_volume_bounds(case_ids):
+    """{organ: (PRESENCE_BOUNDS[0], PRESENCE_BOUNDS[1]) x the smallest volume (mL) of that organ in these
+    cases, organs cut by the scan edge left out}: the presence rule's minimum stays inside these bounds, so it
+    always removes what no real organ is (that small) and never removes what a real organ can be ((0, inf)
+    when the organ is not seen)."""
+    bounds = {}
     for organ in config.ORGANS:
         vols = []
         for cid in case_ids:
@@ -271,17 +273,18 @@ def organ_volume_floor(case_ids):
             entry = (meta.get("organs") or {}).get(organ) or {}
             if entry.get("present") and not entry.get("touches_fov_edge"):
                 vols.append(float(entry["ml"]))
-        floor[organ] = round(config.PRESENCE_FLOOR * min(vols), 3) if vols else 0.0
-    return floor
+        lo, hi = config.PRESENCE_BOUNDS
+        bounds[organ] = (round(lo * min(vols), 3), round(hi * min(vols), 3)) if vols else (0.0, math.inf)
+    return bounds
 
 
-def postprocess_decision(val, floor_ml=None):
+def postprocess_decision(val, bounds_ml=None):
     """Clean-up decided on the validation split: (keep largest component, {organ: minimum mL}, score).
 
-    The minimum is never below floor_ml[organ] (organ_volume_floor of the training split). The score is the
+    The minimum is clipped to bounds_ml[organ] (organ_volume_bounds of the training split). The score is the
     selection score after both rules, so the best checkpoint is the one that is best once cleaned up, and a
     false organ the rules remove no longer costs it anything."""
-    floor_ml = floor_ml or {}
+    bounds_ml = bounds_ml or {}
     keep = largest_component_decision(val)
     voxel_ml = float(np.prod(config.TARGET_SPACING)) / 1000.0
     min_ml, scores = {}, []
@@ -289,9 +292,10 @@ def postprocess_decision(val, floor_ml=None):
         overlaps = val["overlap"][keep][organ]
         ml, score = presence_decision(overlaps, voxel_ml) if config.PRESENCE_RULE == "auto" else (
             0.0, _organ_score(overlaps, 0))
-        floor = floor_ml.get(organ, 0.0) if config.PRESENCE_RULE == "auto" else 0.0
-        if floor > ml:
-            ml, score = floor, _organ_score(overlaps, floor / voxel_ml)
+        if config.PRESENCE_RULE == "auto" and organ in bounds_ml:
+            clipped = float(np.clip(ml, *bounds_ml[organ]))
+            if clipped != ml:
+                ml, score = clipped, _organ_score(overlaps, clipped / voxel_ml)
         min_ml[organ] = round(ml, 3)
         if score is not None:
             scores.append(score)
@@ -343,7 +347,7 @@ def train(resume=False, show_progress=None, stop_after=None):
     if not splits.get("train"):
         raise ValueError(f"{Path(config.PROCESSED_DIR) / 'splits.json'}: the train split is empty")
     sampler = data.PatchSampler(splits["train"], config.PROCESSED_DIR, config.PATCH_SIZE)  # rank's own: see batches
-    floor_ml = organ_volume_floor(splits["train"])
+    bounds_ml = organ_volume_bounds(splits["train"])
 
     model = multi_decoder_model.build_model_from_config().to(device).to(memory_format=torch.channels_last_3d)
     optimizer = make_optimizer(model)
@@ -403,7 +407,7 @@ def train(resume=False, show_progress=None, stop_after=None):
         if main_rank:
             if epoch % config.VAL_EVERY == 0 or epoch == config.EPOCHS:
                 val = validate(model, splits.get("val") or splits["train"][:2], device)
-                keep, min_ml, score = postprocess_decision(val, floor_ml)
+                keep, min_ml, score = postprocess_decision(val, bounds_ml)
                 val.pop("overlap")
                 entry.update(val, score_cleaned=score, min_organ_ml=min_ml)
                 if score is not None and (best["score"] is None or score > best["score"]):

@@ -1,5 +1,6 @@
 """Training: loss goes down, resume is exact, checkpoints are whole, torchrun with gloo works."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -167,7 +168,7 @@ def test_drop_small_organs_applies_the_rule():
     assert np.array_equal(inference.drop_small_organs(labels, {}, 1.0), labels)
 
 
-def test_presence_floor_from_the_training_split(tmp_path, monkeypatch):
+def test_presence_bounds_from_the_training_split(tmp_path, monkeypatch):
     import train
     monkeypatch.setattr(config, "PROCESSED_DIR", tmp_path)
     for cid, ml, edge in (("a", 40.0, False), ("b", 12.0, False), ("c", 2.0, True)):  # c is cut by the edge
@@ -175,12 +176,17 @@ def test_presence_floor_from_the_training_split(tmp_path, monkeypatch):
         organs = {"bladder": {"present": True, "ml": ml, "touches_fov_edge": edge},
                   "prostate": {"present": False, "ml": 0.0}}
         (tmp_path / "cases" / cid / "meta.json").write_text(json.dumps({"organs": organs}))
-    floor = train.organ_volume_floor(["a", "b", "c"])
-    assert floor == {"prostate": 0.0, "bladder": pytest.approx(config.PRESENCE_FLOOR * 12.0), "rectum": 0.0}
+    bounds = train.organ_volume_bounds(["a", "b", "c"])
+    lo, hi = config.PRESENCE_BOUNDS
+    assert bounds == {"prostate": (0.0, math.inf), "bladder": (pytest.approx(lo * 12), pytest.approx(hi * 12)),
+                      "rectum": (0.0, math.inf)}
     # the floor wins over a smaller validation cut (here 0: nothing false to remove); the true bladder stays
     val = {"overlap": {False: {"prostate": [], "bladder": [(50, 50, 45), (0, 0, 0)], "rectum": []}},
            "score": None, "score_largest_component": None}
     monkeypatch.setattr(config, "LARGEST_COMPONENT", "off")
     monkeypatch.setattr(config, "TARGET_SPACING", (10.0, 10.0, 10.0))  # 1 voxel = 1 mL
-    keep, min_ml, score = train.postprocess_decision(val, {"bladder": 1.2})
+    keep, min_ml, score = train.postprocess_decision(val, {"bladder": (1.2, 6.0)})
     assert keep is False and min_ml["bladder"] == 1.2 and score == pytest.approx(0.9)
+    # ... and the cap wins over a larger one: a 30-voxel false bladder would be cut at ~39 mL, capped at 6 mL
+    val["overlap"][False]["bladder"] = [(50, 50, 45), (0, 30, 0)]
+    assert train.postprocess_decision(val, {"bladder": (1.2, 6.0)})[1]["bladder"] == 6.0
