@@ -83,6 +83,9 @@ WEIGHT_DECAY = 1e-4  # optimiser weight decay
 WARMUP_EPOCHS = 1  # linear LR warm-up before the schedule
 FOREGROUND_FRACTION = 0.5  # share of patches centred on an organ voxel (organs balanced)
 AUGMENT = True  # on-the-fly augmentation on/off
+AUGMENT_ON = "auto"  # where: "worker" (loader processes), "device" (training device after the copy), "auto" =
+                    # device on CUDA, worker on the CPU (bench.py measures both)
+LOADER_WORKERS = 2  # background processes that cut (and augment) training patches; 0 = in the training process
 VAL_EVERY = 5  # epochs between validations (sliding window over the whole val split)
 AMP = True  # bf16/fp16 autocast (bf16 on CPU)
 SEED = 42  # seeds splits, sampling, augmentation and weights

@@ -4,10 +4,9 @@ Usage:
     python train.py [--resume] [--EPOCHS=5 ...]            # one process (GPU if present, else CPU)
     torchrun --nproc_per_node=2 train.py [--EPOCHS=5 ...]  # several processes (NCCL on GPU, gloo on CPU)
 
-Patches of PATCH_SIZE voxels [x, y, z] are cut from memory-mapped arrays; FOREGROUND_FRACTION of them are
-centred on an organ voxel (organs drawn in turn, so the small prostate is as frequent as the bladder), the
-rest anywhere in the body so the net also learns absence. Every random draw comes from one torch.Generator
-whose state is checkpointed, so `--resume` continues exactly where the run stopped.
+Patches come from data.py (sampling from memory-mapped cases and augmentation, in LOADER_WORKERS background
+processes). Each step's random draws come from a generator seeded by (SEED, rank, epoch, step) alone, so a
+seeded run is the same for any number of workers and `--resume` continues exactly where the run stopped.
 """
 import argparse
 import json
@@ -26,127 +25,9 @@ from tqdm import tqdm
 import config
 from fileio import write_atomic, write_text_atomic
 import inference
+import data
 import multi_decoder_model
 import preprocessing
-
-
-# --------------------------------------------------------------------------------------------
-# Data: patches from memory-mapped cases
-# --------------------------------------------------------------------------------------------
-class PatchSampler:
-    """Draws (image, label) batches of PATCH_SIZE from processed cases.
-
-    image: float32 (B, 1, X, Y, Z) normalised HU; label: int64 (B, X, Y, Z), 0 = background,
-    k = ORGANS.index(organ) + 1. Cases smaller than the patch are padded with air / background.
-    """
-
-    def __init__(self, case_ids, processed_dir, patch_size, generator):
-        self.patch = tuple(int(p) for p in patch_size)
-        self.gen = generator
-        self.cases = []
-        self.organ_voxels = {k: [] for k in range(1, len(config.ORGANS) + 1)}  # class -> [(case idx, coords)]
-        for cid in case_ids:
-            folder = Path(processed_dir) / "cases" / cid
-            ct = np.load(folder / "ct.npy", mmap_mode="r")
-            label = np.load(folder / "label.npy")  # small (uint8 at target spacing): keep in memory
-            idx = len(self.cases)
-            self.cases.append((ct, label))
-            for k in self.organ_voxels:
-                coords = np.argwhere(label == k)
-                if len(coords):
-                    self.organ_voxels[k].append((idx, coords.astype(np.int32)))
-        if not self.cases:
-            raise ValueError(f"no training cases in {processed_dir}: run preprocessing first")
-        self.present_classes = [k for k, v in self.organ_voxels.items() if v]
-
-    def _randint(self, high):
-        return int(torch.randint(high, (1,), generator=self.gen))
-
-    def _centre(self):
-        """Pick (case index, centre voxel) for one patch."""
-        if self.present_classes and torch.rand(1, generator=self.gen).item() < config.FOREGROUND_FRACTION:
-            k = self.present_classes[self._randint(len(self.present_classes))]
-            case_idx, coords = self.organ_voxels[k][self._randint(len(self.organ_voxels[k]))]
-            return case_idx, coords[self._randint(len(coords))]
-        case_idx = self._randint(len(self.cases))
-        shape = self.cases[case_idx][1].shape
-        return case_idx, np.array([self._randint(s) for s in shape])
-
-    def _cut(self, case_idx, centre):
-        ct, label = self.cases[case_idx]
-        shape = np.array(label.shape)
-        start = np.asarray(centre) - np.array(self.patch) // 2
-        start = np.clip(start, 0, np.maximum(shape - self.patch, 0))  # stay inside when the case is big enough
-        sl = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
-        img = np.asarray(ct[sl], dtype=np.float32)
-        lab = np.asarray(label[sl])
-        pad = [(0, p - s) for p, s in zip(self.patch, img.shape)]
-        if any(after for _, after in pad):
-            img = np.pad(img, pad, constant_values=-1024.0)  # air
-            lab = np.pad(lab, pad, constant_values=0)
-        return img, lab
-
-    def batch(self, batch_size):
-        imgs, labs = zip(*(self._cut(*self._centre()) for _ in range(batch_size)))
-        img = preprocessing.normalize_hu(torch.from_numpy(np.stack(imgs))[:, None])  # (B, 1, X, Y, Z)
-        return img, torch.from_numpy(np.stack(labs).astype(np.int64))  # (B, X, Y, Z)
-
-
-# --------------------------------------------------------------------------------------------
-# Augmentation: torch ops on the whole batch, cheap next to the train step
-# --------------------------------------------------------------------------------------------
-def _uniform(gen, lo, hi, n=1):
-    return lo + (hi - lo) * torch.rand(n, generator=gen)
-
-
-def augment(img, lab, gen):
-    """Spatial (rotation, scaling, left-right mirror) and intensity (scale/shift, noise, blur, low resolution)
-    augmentation. img (B, 1, X, Y, Z) float, lab (B, X, Y, Z) int64."""
-    b = img.shape[0]
-    # Rotation about z (the patient axis, where real variation is largest) and small tilts, plus scaling.
-    # One affine grid per sample: image trilinear, label nearest.
-    if torch.rand(1, generator=gen).item() < 0.5:
-        mats = []
-        for _ in range(b):
-            az, ax, ay = _uniform(gen, -0.35, 0.35), _uniform(gen, -0.1, 0.1), _uniform(gen, -0.1, 0.1)
-            s = _uniform(gen, 0.85, 1.15)
-            rz = torch.tensor([[torch.cos(az), -torch.sin(az), 0], [torch.sin(az), torch.cos(az), 0], [0, 0, 1]])
-            rx = torch.tensor([[1, 0, 0], [0, torch.cos(ax), -torch.sin(ax)], [0, torch.sin(ax), torch.cos(ax)]])
-            ry = torch.tensor([[torch.cos(ay), 0, torch.sin(ay)], [0, 1, 0], [-torch.sin(ay), 0, torch.cos(ay)]])
-            mats.append(torch.cat([(rz @ rx @ ry) * s, torch.zeros(3, 1)], dim=1))
-        theta = torch.stack(mats).float()  # (B, 3, 4) in our (X, Y, Z) order
-        theta[:, :, :3] = theta[:, :, :3].flip(1, 2)  # grid_sample's (x, y, z) are our (Z, Y, X) axes
-        grid = F.affine_grid(theta, list(img.shape), align_corners=False)
-        air = preprocessing.normalize_hu(torch.tensor(-1024.0))
-        img = F.grid_sample(img - air, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + air
-        lab = F.grid_sample(lab[:, None].float(), grid, mode="nearest", align_corners=False)[:, 0].long()
-    # Left-right mirror (axis x): the three organs are midline structures.
-    flip = torch.rand(b, generator=gen) < 0.5
-    img[flip] = img[flip].flip(2)
-    lab[flip] = lab[flip].flip(1)
-    # Intensity: mild contrast/brightness (HU are calibrated: +-5 %, +-9 HU; the MRI-style gamma of up to 1.5
-    # turned urine into fat-level intensity and cost the bladder its Dice on the phantom), noise, blur and
-    # simulated low resolution.
-    img = img * _uniform(gen, 0.95, 1.05, b).view(b, 1, 1, 1, 1) + _uniform(gen, -0.03, 0.03, b).view(b, 1, 1, 1, 1)
-    if torch.rand(1, generator=gen).item() < 0.3:
-        img = img + torch.randn(img.shape, generator=gen) * _uniform(gen, 0.0, 0.05).item()
-    if torch.rand(1, generator=gen).item() < 0.2:
-        sigma = _uniform(gen, 0.5, 1.0).item()
-        r = torch.arange(-2, 3, dtype=torch.float32)
-        k = torch.exp(-r ** 2 / (2 * sigma ** 2))
-        k = k / k.sum()
-        for axis in range(3):
-            shape = [1, 1, 1, 1, 1]
-            shape[2 + axis] = 5
-            pad = [0, 0, 0, 0, 0, 0]
-            pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = 2
-            img = F.conv3d(F.pad(img, pad, mode="replicate"), k.view(shape))
-    if torch.rand(1, generator=gen).item() < 0.2:
-        size = img.shape[2:]
-        factor = _uniform(gen, 0.5, 0.85).item()
-        small = F.interpolate(img, scale_factor=factor, mode="nearest")
-        img = F.interpolate(small, size=size, mode="trilinear", align_corners=False)
-    return img.contiguous(), lab.contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,17 +123,14 @@ def save_atomic(obj, path):
 # --------------------------------------------------------------------------------------------
 # Train and validate
 # --------------------------------------------------------------------------------------------
-def train_one_epoch(model, sampler, optimizer, scheduler, scaler, device, gen, show_progress):
+def train_one_epoch(model, batches, optimizer, scheduler, scaler, device, show_progress):
+    """ITERS_PER_EPOCH steps on the next batches of `batches` (data.batches: already on the device)."""
     model.train()
     dtype = inference.amp_dtype(device)
     losses = []
     steps = tqdm(range(config.ITERS_PER_EPOCH), disable=not show_progress, leave=False, desc="train")
     for _ in steps:
-        img, lab = sampler.batch(config.BATCH_SIZE)
-        if config.AUGMENT:
-            img, lab = augment(img, lab, gen)
-        img = img.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last_3d)
-        lab = lab.to(device, non_blocking=True)
+        img, lab = next(batches)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(img)
         loss = dice_ce_loss(logits, lab)
@@ -397,14 +275,14 @@ def postprocess_decision(val, bounds_ml=None):
     return keep, min_ml, (float(np.mean(scores)) if scores else None)
 
 
-def _rng_state(gen):
-    return {"torch": torch.get_rng_state(), "gen": gen.get_state(),
+def _rng_state():
+    """The global RNG states (patches and augmentation have none to keep: data.step_generator)."""
+    return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _set_rng_state(state, gen):
+def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    gen.set_state(state["gen"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -441,8 +319,7 @@ def train(resume=False, show_progress=None, stop_after=None):
     splits = _read_splits()
     if not splits.get("train"):
         raise ValueError(f"{Path(config.PROCESSED_DIR) / 'splits.json'}: the train split is empty")
-    gen = torch.Generator().manual_seed(config.SEED + 1000 * rank)  # each rank draws its own patches
-    sampler = PatchSampler(splits["train"], config.PROCESSED_DIR, config.PATCH_SIZE, gen)
+    sampler = data.PatchSampler(splits["train"], config.PROCESSED_DIR, config.PATCH_SIZE)  # rank's own: see batches
     bounds_ml = organ_volume_bounds(splits["train"])
 
     model = multi_decoder_model.build_model_from_config().to(device).to(memory_format=torch.channels_last_3d)
@@ -461,7 +338,7 @@ def train(resume=False, show_progress=None, stop_after=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"], gen)
+        _set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_epoch, best = ckpt["epoch"], ckpt["best"]
         if main_rank:
             print(f"resuming from {last_path} after epoch {start_epoch}")
@@ -484,11 +361,13 @@ def train(resume=False, show_progress=None, stop_after=None):
                   "parameters": sum(p.numel() for p in model.parameters())}
         write_text_atomic(log_dir / "run.json", json.dumps(record, indent=2))
     t_start = time.time()
+    # One loader for the whole run: its workers start once and keep making batches while we validate.
+    batches = data.batches(sampler, start_epoch, config.EPOCHS, rank, device)
     for epoch in range(start_epoch + 1, config.EPOCHS + 1):
         t0 = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        train_loss = train_one_epoch(net, sampler, optimizer, scheduler, scaler, device, gen, show_progress)
+        train_loss = train_one_epoch(net, batches, optimizer, scheduler, scaler, device, show_progress)
         if world > 1:
             t = torch.tensor([train_loss], device=device)
             torch.distributed.all_reduce(t)
@@ -510,7 +389,7 @@ def train(resume=False, show_progress=None, stop_after=None):
             entry["epoch_time_s"] = time.time() - t0
             ckpt = {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                    "rng": _gather_rng(gen, world), "best": best, "settings": config.settings(),
+                    "rng": _gather_rng(world), "best": best, "settings": config.settings(),
                     "largest_component": best.get("largest_component", False),
                     "min_organ_ml": best.get("min_organ_ml", {}),
                     "run": config.run_record(device)}
@@ -527,11 +406,12 @@ def train(resume=False, show_progress=None, stop_after=None):
                   f"{entry['patches_per_s']:.1f} patches/s {entry['epoch_time_s']:.0f}s"
                   + (f" | val dice {dice_txt}" if dice_txt else "") + (" *best*" if entry["best"] else ""), flush=True)
         elif world > 1:
-            _gather_rng(gen, world)
+            _gather_rng(world)
         if world > 1:
             torch.distributed.barrier()
         if stop_after is not None and epoch >= stop_after:
             break
+    batches.close()  # stops the loader's workers
     if main_rank:
         record = json.loads((log_dir / "run.json").read_text())
         record.update({"end_time": time.strftime("%Y-%m-%d %H:%M:%S"), "train_seconds": time.time() - t_start,
@@ -545,9 +425,9 @@ def train(resume=False, show_progress=None, stop_after=None):
     return best_path
 
 
-def _gather_rng(gen, world):
+def _gather_rng(world):
     """Every rank's RNG state (rank 0 gets the list; others just take part in the gather)."""
-    state = _rng_state(gen)
+    state = _rng_state()
     if world == 1:
         return state
     states = [None] * world
@@ -566,8 +446,13 @@ def main(argv=None):
     print(f"profile {profile}; overrides {overrides or 'none'}")
     try:
         train(resume=args.resume)
-    except (FileNotFoundError, ValueError) as exc:  # no processed/, bad checkpoint to resume: one line
+    except (FileNotFoundError, ValueError, data.LoaderError) as exc:  # no processed/, bad checkpoint, dead worker
         sys.exit(f"train: {exc}")
+    except (RuntimeError, ConnectionError, EOFError) as exc:  # a worker's death can surface anywhere (SIGCHLD)
+        line = data.worker_failure(exc)
+        if line is None:
+            raise
+        sys.exit(f"train: {line}")
 
 
 if __name__ == "__main__":

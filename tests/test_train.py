@@ -11,13 +11,14 @@ import pytest
 import torch
 
 import config
+import data
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_processed(folder, n_cases=4, shape=(36, 34, 33), seed=0):
-    """A tiny processed/ tree: soft-tissue body, three blob organs of distinct HU, splits.json."""
+    """A tiny processed/ tree: soft-tissue body, three blob organs of distinct HU, meta.json, splits.json."""
     rng = np.random.default_rng(seed)
     ids = [f"BDMAP_{i:08d}" for i in range(1, n_cases + 1)]
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
@@ -35,6 +36,9 @@ def make_processed(folder, n_cases=4, shape=(36, 34, 33), seed=0):
         ct += rng.normal(0, 15, shape).astype(np.int16)
         np.save(case / "ct.npy", ct)
         np.save(case / "label.npy", label)
+        organs = {o: {"present": bool((label == k).any()), "ml": float((label == k).sum()) / 1000.0,
+                      "touches_fov_edge": False} for k, o in enumerate(config.ORGANS, start=1)}  # 1 mm voxels
+        (case / "meta.json").write_text(json.dumps({"organs": organs}))  # as preprocessing writes it
     splits = {"seed": 0, "train": ids[:2], "val": ids[2:3], "test": ids[3:]}
     (Path(folder) / "splits.json").write_text(json.dumps(splits))
     return ids
@@ -55,21 +59,6 @@ def processed(tmp_path):
     return tmp_path / "processed"
 
 
-def test_sampler_balances_organs_and_pads(processed, monkeypatch):
-    monkeypatch.setattr(config, "FOREGROUND_FRACTION", 1.0)
-    cases = ["BDMAP_00000001", "BDMAP_00000002"]
-    sampler = train.PatchSampler(cases, processed, (16, 16, 16), torch.Generator().manual_seed(0))
-    img, lab = sampler.batch(60)
-    assert img.shape == (60, 1, 16, 16, 16) and lab.shape == (60, 16, 16, 16)
-    centre = lab[:, 8, 8, 8]  # the patch is centred on the drawn organ voxel
-    counts = [(centre == k).sum().item() for k in (1, 2, 3)]
-    assert min(counts) >= 12, counts  # organs drawn in turn: the small prostate as often as the others
-    wide = train.PatchSampler(cases, processed, (40, 16, 16), torch.Generator().manual_seed(0))
-    img, lab = wide.batch(4)
-    assert img.shape == (4, 1, 40, 16, 16)
-    assert img[:, 0, 36:].max() <= -0.99 and lab[:, 36:].max() == 0  # cases are 36 wide: padded with air
-
-
 def test_loss_does_not_reward_empty_prediction():
     target = torch.zeros(1, 8, 8, 8, dtype=torch.long)
     target[0, 2:5, 2:5, 2:5] = 2
@@ -84,7 +73,7 @@ def test_few_steps_lower_the_loss(processed, monkeypatch, tmp_path):
     torch.manual_seed(0)
     model = train.multi_decoder_model.build_model_from_config()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    sampler = train.PatchSampler(["BDMAP_00000001"], processed, (16, 16, 16), torch.Generator().manual_seed(0))
+    sampler = data.PatchSampler(["BDMAP_00000001"], processed, (16, 16, 16), torch.Generator().manual_seed(0))
     img, lab = sampler.batch(2)
     losses = []
     for _ in range(25):
