@@ -5,7 +5,7 @@ Usage:
     from multi_decoder_model import MultiDecoderUNet, build_model_from_config
 
 Shape legend: B batch, C channels, X Y Z spatial axes in canonical RAS order [x, y, z], K organs
-(config.ORGANS order), H attention heads, D channels per head, N = B*X*Y*Z voxels as tokens batch.
+(config.ORGANS order), H attention heads, D channels per head, M attention tokens (positions) per organ.
 
 Output: raw logits (B, K, X, Y, Z). Background has an implicit logit 0 (see CONTRACT: softmax over
 [0, l_1..l_K]), so organs are mutually exclusive downstream without a background head.
@@ -25,7 +25,7 @@ Design notes (measured on the 2-core AMD EPYC AVX2 dev box, fp32, see bench.py):
 - Decoders add the skip (after projecting the upsampled path to the skip width) instead of concatenating.
   Full resolution holds 7/8 of the voxels, so that is where FLOPs are saved: the finest decoder level is
   pointwise (FineLevel: no 3x3x3 conv), level 1 has one 3x3x3 conv, coarser levels a residual pair (cheap,
-  most parameters). Cross-decoder attention runs at the two coarsest decoder levels only.
+  most parameters). Cross-decoder attention runs at the coarsest decoder level only (CrossOrganAttention).
   Train step at 64^3, base 8, depth 5, 2 threads (`python bench.py`): 0.72 s with a 3x3x3 conv + norm in every
   organ's finest level, a residual encoder stem and attention at levels 1..3 (~0.05 s of it the benchmark's own
   target argmax, since removed) -> 0.415 s with this layout, 5.5x the reference.
@@ -255,12 +255,12 @@ class CrossOrganAttention(nn.Module):
     window.
 
     Cost (K organs, C channels, M pooled positions), forward: pooling, norm, upsampling and the residual add
-    O(K*C) per level voxel; projections 2*K*M*C*4C; scores + mixing 4*K*M*(K-1)*M*C. 48^3 patch, depth 4
-    (level 2: 12^3 -> M 216, C 32), batch 2: ~0.04 GFLOP, 0.3 % of the 14.7 GFLOP conv forward;
-    128^3, depth 5 (level 3: 16^3 -> M 512, C 64), batch 1: ~0.45 GFLOP, 0.8 % of 53 GFLOP. Memory kept for
-    backward: the pooled tokens, q/k/v, the attention output and the SDPA log-sum-exp, ~8*K*M*C values
-    (no M x M score matrix: the fused kernel recomputes it), plus the K*C upsampled result per level voxel
-    that the add needs: ~0.9 MB per patch at 48^3/depth 4 and 3.5 MB at 128^3/depth 5 (fp32).
+    O(K*C) per level voxel; projections 2*K*M*C*6C (q, k, v, their RoPE halves, out); scores + mixing
+    4*K*M*(K-1)*M*C. 48^3 patch, depth 4 (level 2: 12^3 -> M 216, C 32), batch 2: 0.09 GFLOP, 1.8 % of the
+    conv forward (4.9 GFLOP); 128^3, depth 5 (level 3: 16^3 -> M 512, C 64), batch 1: 0.48 GFLOP, 0.9 % of
+    53 GFLOP. Memory kept for backward (measured with saved-tensor hooks, fp32): the pooled tokens, q/k/v,
+    the SDPA output and log-sum-exp (no M x M score matrix: the fused kernel recomputes it) and the
+    upsampled result: 0.86 MB per patch at 48^3/depth 4, 4.5 MB at 128^3/depth 5.
     Measured train step, attention on vs off: see the README's model section.
     """
 
@@ -315,8 +315,8 @@ class CrossOrganAttention(nn.Module):
 
 
 class MultiDecoderUNet(nn.Module):
-    """Shared residual encoder -> K organ decoders (ModuleDict by organ) with cross-organ attention at
-    the ATTENTION_LEVELS coarsest decoder levels -> K logit maps. Input (B, in_channels, X, Y, Z), each of X, Y, Z
+    """Shared residual encoder -> K organ decoders (ModuleDict by organ) with spatial cross-organ attention at
+    the ATTENTION_LEVELS coarsest decoder level(s) -> K logit maps. Input (B, in_channels, X, Y, Z), each of X, Y, Z
     divisible by 2**(depth-1)."""
 
     def __init__(self, organs=None, in_channels=1, base_channels=8, depth=5, attention=True, checkpointing=False):
