@@ -697,6 +697,35 @@ def section_evaluation(inputs, out_dir):
     return lines
 
 
+def section_generalisation(out_dir):
+    """Where the model was never trained: held-out-style phantoms and real CTs with no pelvic organ."""
+    path = Path(config.EVAL_DIR) / "heldout" / "summary_statistics.json"
+    lines = ["## Generalisation check (held out: never used to train, tune or pick a checkpoint)", ""]
+    if not path.is_file():
+        return lines + ["_Not run: no `evaluation_results/heldout/summary_statistics.json` "
+                        "(`python run_pipeline.py --eval` writes it; HELDOUT_CASES=0 and no EMPTY_CTS skip it)._", ""]
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError:
+        return lines + [f"_Unreadable: `{path}`._", ""]
+    empty = summary.get("empty_cases") or []
+    lines += [f"- {summary.get('n_cases', '–')} cases: held-out-style phantoms of `{summary.get('data_root', '–')}` "
+              f"and {len(empty)} real CTs that hold no pelvic organ"
+              + (f" ({', '.join(Path(e).name for e in empty)})" if empty else "") + ".", ""]
+    rows = []
+    for organ, e in (summary.get("organs") or {}).items():
+        det = e.get("detection") or {}
+        vols = e.get("false_organ_volumes_ml") or []
+        rows.append((organ, e.get("n_present", "–"), *fmt_stats(e.get("dice"), 3), det.get("fn", "–"),
+                     det.get("fp", "–"), ", ".join(f"{v:.1f}" for v in vols) or "–"))
+    lines += table(("organ", "n present", "Dice mean ± std", "Dice median [IQR]", "missed", "false organs",
+                    "false-organ volumes mL"), rows)
+    link = Path(config.EVAL_DIR) / "heldout" / "evaluation_report.md"
+    if link.is_file():
+        lines += [f"Per case: [{link.name}]({link_target(link, out_dir)})", ""]
+    return lines
+
+
 def section_caveats(inputs):
     phantom = inputs["phantom"]
     lines = ["## Caveats", ""]
@@ -730,6 +759,7 @@ def render_markdown(inputs, figures, out_dir):
     lines += section_run(inputs)
     lines += section_training(inputs, figures, out_dir)
     lines += section_evaluation(inputs, out_dir)
+    lines += section_generalisation(out_dir)
     lines += section_caveats(inputs)
     if inputs["missing"]:
         lines += ["## Missing or unreadable inputs", ""] + [f"- {m}" for m in inputs["missing"]] + [""]

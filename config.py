@@ -19,6 +19,23 @@ ORGANS = ("prostate", "bladder", "rectum")  # model channel order, decoder keys,
 EXTRA_MASKS = ("femur_left", "femur_right")  # read when present, never segmented
 LABEL_VALUES = {"bladder": 12, "prostate": 24, "rectum": 25, "femur_left": 17, "femur_right": 18}  # combined_labels.nii.gz
 
+# --- DICOM: ROI names, synonyms and geometry tolerances (dicom_io.py, convert_dicom.py) ------
+ROI_NAMES = {"prostate": "Prostate", "bladder": "Bladder", "rectum": "Rectum",
+             "femur_left": "Femur_Head_L", "femur_right": "Femur_Head_R"}  # TG-263 name of each organ's ROI
+# ROI names read as each organ: compared case-insensitively with runs of spaces, '_' and '-' made one '_';
+# exact matches only (no substrings), so optimisation structures such as 'optBladder' are never taken.
+ROI_SYNONYMS = {
+    "prostate": ("Prostate", "PROS", "prostate_gland", "Prostata", "ProstateGland"),
+    "bladder": ("Bladder", "Blase", "Harnblase", "UrinaryBladder", "Urinary_Bladder", "Vessie"),
+    "rectum": ("Rectum", "Rektum", "Rectum_Outer", "Recto"),
+    "femur_left": ("Femur_Head_L", "Femoral Head Lt", "Femoral_Head_L", "FemoralHead_L", "Femur_L",
+                   "Hip_L", "Femoral Head Left"),
+    "femur_right": ("Femur_Head_R", "Femoral Head RT", "Femoral_Head_R", "FemoralHead_R", "Femur_R",
+                    "Hip_R", "Femoral Head Right"),
+}  # TG-263 name first
+DICOM_SLICE_GAP_TOL = 0.01  # a gap between CT slice positions may differ from the median gap by this fraction
+DICOM_CONTOUR_PLANE_TOL_MM = 0.1  # a contour lies on a slice when its plane is within this distance (mm)
+
 # --- Folders (environment variables only for these machine-specific paths) -----------------
 DEFAULT_DATA_ROOT = REPO / "data"  # where the phantom is written when no real data is given
 DATA_ROOT = Path(os.environ.get("PELVIS_DATA_ROOT", DEFAULT_DATA_ROOT))  # BDMAP_* case folders
@@ -33,6 +50,14 @@ ANALYSIS_DIR = OUTPUT_ROOT / "analysis"  # figures and report.md
 PHANTOM_CASES = 36  # cases generated when DATA_ROOT holds no BDMAP_* folder
 PHANTOM_SEED = 0  # same seed, same arrays
 PHANTOM_GRID = "demo"  # "demo": coarse voxels for CPU runs; "ct": clinical in-plane 0.6-1.0 mm
+
+# --- Generalisation check: held out, never used to train, tune or pick a checkpoint -------------
+HELDOUT_DATA_ROOT = OUTPUT_ROOT / "data_heldout"  # phantoms of the held-out "ood" style (phantom.STYLES)
+HELDOUT_CASES = 12  # written once by run_pipeline's eval stage; 0 skips the check
+HELDOUT_SEED = 1000  # never the training phantom's seed
+EMPTY_CTS = tuple(str(p) for p in (REPO.parent / "shared" / "realdata" / name for name in (
+    "aorta_ct_cropped.nii.gz", "pulm_ct_cropped.nii.gz", "ct_dicom_thorax")) if p.exists())  # real chest CTs
+# (two NIfTI, one DICOM series): nothing pelvic to find, so any predicted voxel is a false organ
 
 # --- Preprocessing --------------------------------------------------------------------------
 TARGET_SPACING = (1.5, 1.5, 1.5)  # mm, [x, y, z]; set by the profile
@@ -68,6 +93,9 @@ SW_BATCH = 2  # windows per forward pass
 TTA_MIRROR = False  # average over left-right mirroring
 LARGEST_COMPONENT = "auto"  # largest connected component per organ: "on", "off", or "auto" = decided on the
                             # validation split during training and stored in the checkpoint
+PRESENCE_RULE = "auto"  # "auto": an organ predicted smaller than a minimum volume is absent, the minimum per organ
+                        # decided on the validation split during training and stored in the checkpoint; "off"
+MIN_ORGAN_ML = {}  # that decision (mL per organ, model space); set from the checkpoint by evaluate and predict
 
 # --- Device profiles: applied before command-line overrides ---------------------------------
 PROFILE = "auto"  # "auto" (gpu if CUDA else cpu), "cpu" or "gpu"
@@ -165,7 +193,8 @@ def apply_overrides(pairs):
         parsed[name] = _parse(name, text, getattr(mod, name))
     if "OUTPUT_ROOT" in parsed:
         for key, sub in (("PROCESSED_DIR", "processed"), ("CHECKPOINT_DIR", "checkpoints"), ("LOG_DIR", "logs"),
-                         ("EVAL_DIR", "evaluation_results"), ("ANALYSIS_DIR", "analysis")):
+                         ("EVAL_DIR", "evaluation_results"), ("ANALYSIS_DIR", "analysis"),
+                         ("HELDOUT_DATA_ROOT", "data_heldout")):
             parsed.setdefault(key, parsed["OUTPUT_ROOT"] / sub)
     for name, value in parsed.items():
         setattr(mod, name, value)

@@ -3,6 +3,8 @@
 Usage:
     python evaluate.py                                   # checkpoints/best_model.pth on the test split
     python evaluate.py --checkpoint PATH --split val [--NAME=value ...]
+    python evaluate.py --data-root DIR [--empty CT ...] --out DIR   # every case of any labelled folder, plus
+                                                         # CTs with no pelvic organ in them (chest scans ...)
 
 For each case: original CT -> prepare_ct (RAS, resample, crop) -> sliding-window segment -> restore_labels
 (back onto the original grid) -> metrics against the original masks with the header spacing. The net and the
@@ -73,6 +75,11 @@ def use_checkpoint_settings(ckpt, quiet=False):
         config.LARGEST_COMPONENT = "on" if ckpt.get("largest_component") else "off"
         if not quiet:
             print(f"largest-component cleanup {config.LARGEST_COMPONENT} (decided on the validation split in training)")
+    if config.PRESENCE_RULE == "auto":
+        config.MIN_ORGAN_ML = dict(ckpt.get("min_organ_ml") or {})  # an older checkpoint has none: keep every voxel
+        if not quiet and config.MIN_ORGAN_ML:
+            print("presence rule (decided on the validation split): organ absent below "
+                  + ", ".join(f"{o} {v:g} mL" for o, v in config.MIN_ORGAN_ML.items()))
     return changed
 
 
@@ -366,11 +373,23 @@ def make_plots(rows, organs, out_dir, root, pred_dir):
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-def evaluate(checkpoint=None, split="test", plots=True, show_progress=None):
-    """Evaluate `checkpoint` (default CHECKPOINT_DIR/best_model.pth) on `split`; returns the summary dict.
+def _read_empty_case(path):
+    """A CT known to hold none of the organs (e.g. a chest scan): every predicted voxel is a false organ."""
+    import preprocessing
 
-    Writes metrics_per_case.csv, summary_statistics.json, evaluation_report.md, predictions/ and the PNGs to
-    config.EVAL_DIR. A case that cannot be read is listed as failed (report and summary), not fatal.
+    ct = preprocessing.load_ct(path)
+    return {"ct": ct, "masks": {o: np.zeros(ct.shape, np.uint8) for o in config.ORGANS}}
+
+
+def evaluate(checkpoint=None, split="test", plots=True, show_progress=None, data_root_dir=None, empty=(),
+             out_dir=None):
+    """Evaluate `checkpoint` (default CHECKPOINT_DIR/best_model.pth); returns the summary dict.
+
+    Cases: the `split` of processed/splits.json, or, with `data_root_dir`, every case folder of that labelled
+    AbdomenAtlas-layout folder (no preprocessing or splits needed); plus the `empty` CT files, scored as cases
+    with no organ at all (the generalisation check's real chest CTs). Writes metrics_per_case.csv,
+    summary_statistics.json, evaluation_report.md, predictions/ and the PNGs to `out_dir` (default
+    config.EVAL_DIR). A case that cannot be read is listed as failed (report and summary), not fatal.
     """
     import preprocessing
     from tqdm import tqdm
@@ -381,9 +400,19 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None):
     organs = tuple(ckpt["model_config"].get("organs", config.ORGANS))
     if tuple(organs) != tuple(config.ORGANS):
         print(f"note: checkpoint organs {organs} (current config has {tuple(config.ORGANS)})")
-    case_ids = split_cases(split)
-    root = data_root()
-    out_dir = Path(config.EVAL_DIR)
+    if data_root_dir is not None:
+        root = Path(data_root_dir)
+        case_ids = [d.name for d in preprocessing.find_cases(root)]
+        split = f"all of {root}"
+    elif split:
+        case_ids, root = split_cases(split), data_root()
+    else:
+        case_ids, root = [], data_root()
+    jobs = [(cid, root / cid, preprocessing.read_case) for cid in case_ids]
+    jobs += [(Path(path).name.split(".")[0], Path(path), _read_empty_case) for path in empty]
+    if not jobs:
+        raise ValueError("evaluate: no cases to evaluate (give a split, --data-root or --empty)")
+    out_dir = Path(out_dir or config.EVAL_DIR)
     pred_dir = out_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     if show_progress is None:
@@ -391,9 +420,9 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None):
 
     rows, failed = [], []
     t0 = time.time()
-    for cid in tqdm(case_ids, desc=f"evaluate {split}", unit="case", disable=not show_progress):
+    for cid, path, read in tqdm(jobs, desc=f"evaluate {split}", unit="case", disable=not show_progress):
         try:
-            case = preprocessing.read_case(root / cid)
+            case = read(path)
             pred = predict_case(model, case["ct"], device)
         except (preprocessing.CaseError, FileNotFoundError) as exc:
             failed.append((cid, str(exc)))
@@ -404,7 +433,8 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None):
         rows.append(metrics.case_metrics(pred, case["masks"], header_spacing(ct), case_id=cid, organs=organs))
 
     summary = metrics.summarize(rows, organs=organs, checkpoint=ckpt_path)
-    summary.update(split=split, data_root=str(root), failed=[{"case_id": c, "reason": r} for c, r in failed],
+    summary.update(split=split, data_root=str(root), empty_cases=[str(p) for p in empty],
+                   failed=[{"case_id": c, "reason": r} for c, r in failed],
                    seconds=time.time() - t0, checkpoint_epoch=ckpt.get("epoch"),
                    settings_from_checkpoint={k: list(v[1]) for k, v in changed.items()})
     write_csv(rows, out_dir / "metrics_per_case.csv", organs)
@@ -422,11 +452,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: CHECKPOINT_DIR/best_model.pth")
     parser.add_argument("--split", default="test", help="split of processed/splits.json (default test)")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="evaluate every case folder of this labelled AbdomenAtlas-layout folder instead")
+    parser.add_argument("--empty", type=Path, nargs="+", default=[], metavar="CT",
+                        help="CT files with none of the organs in them (chest scans...): any voxel is a false organ")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default EVAL_DIR)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     args, rest = parser.parse_known_args(argv)
     try:
         config.configure(rest)
-        evaluate(args.checkpoint, args.split, plots=not args.no_plots)
+        split = None if (args.data_root or args.empty) and args.split == "test" else args.split
+        evaluate(args.checkpoint, split, plots=not args.no_plots, data_root_dir=args.data_root, empty=args.empty,
+                 out_dir=args.out)
     except (ValueError, FileNotFoundError) as exc:  # SettingError, CaseError, bad checkpoint: one line
         sys.exit(f"evaluate: {exc}")
 

@@ -257,6 +257,20 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
     labels = logits_to_labels(logits.numpy())
     if keep_largest_on(pick(keep_largest, "LARGEST_COMPONENT")):
         labels = largest_component(labels, logits.shape[0])
+    if config.PRESENCE_RULE != "off":
+        voxel_ml = float(np.prod(pick(None, "TARGET_SPACING"))) / 1000.0
+        labels = drop_small_organs(labels, config.MIN_ORGAN_ML, voxel_ml)
+    return labels
+
+
+def drop_small_organs(labels, min_ml, voxel_ml):
+    """The presence rule: an organ whose predicted volume is below min_ml[organ] (mL) is absent (its voxels
+    become background). min_ml is decided on the validation split and stored in the checkpoint."""
+    labels = labels.copy()
+    for k, organ in enumerate(config.ORGANS, start=1):
+        mask = labels == k
+        if min_ml.get(organ) and 0 < mask.sum() * voxel_ml < min_ml[organ]:
+            labels[mask] = 0
     return labels
 
 

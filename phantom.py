@@ -1,7 +1,7 @@
 """Synthetic pelvic CT phantom: the embedded default dataset and test fixture (AbdomenAtlas 1.1 layout).
 
 Usage:
-    python phantom.py --out data --cases 36 --seed 0 [--grid demo|ct] [--workers 2]
+    python phantom.py --out data --cases 36 --seed 0 [--grid demo|ct] [--style train|ood] [--workers 2]
     python phantom.py --preview analysis/phantom_preview.png --out data     # contour figure of a few cases
 
 Anatomy is defined in patient world coordinates, RAS+ millimetres (+x toward the patient's Left,
@@ -15,6 +15,11 @@ centre and axes follow control points along z). A smooth random displacement (a 
 sinusoids per axis) makes every shape organic. Tissues are painted in order (later wins), organ masks
 are exactly the voxels painted with organ tissue, then the image gets partial-volume blur, correlated
 noise and is rounded to int16 HU.
+
+Two styles (STYLES): "train" is what the pipeline learns from, domain-randomised (tissue HU, shapes, sizes,
+fields of view from pelvis-only to chest-only, implants and artefacts drawn from wide ranges, so that shape and
+context rather than one phantom's exact HU identify an organ); "ood" is the held-out style of the generalisation
+check: ranges and anatomy variants that "train" never draws. It must never be used to train or pick a checkpoint.
 """
 import argparse
 import json
@@ -61,6 +66,8 @@ TISSUE_HU = {
     "vein_enhanced": (120, 180),
     "kidney": (25, 40),
     "liver": (50, 65),
+    "lung": (-880, -780),          # aerated lung parenchyma (partial volume with small vessels)
+    "heart_enhanced": (150, 450),  # contrast-filled cardiac chambers: organ-like shape, bright
     "calcification": (300, 800),   # phleboliths, prostatic calcifications
     "table_shell": (150, 350),     # carbon-fibre table skin
     "table_core": (-900, -800),    # table foam core
@@ -68,10 +75,36 @@ TISSUE_HU = {
 ENHANCEMENT_HU = {"prostate": 25, "uterus": 50, "bowel_wall": 30, "kidney": 120, "liver": 50,
                   "seminal_vesicle": 5, "bladder_wall": 20, "rectal_wall": 20}  # added when IV contrast
 
+RANDOMISED_TISSUES = ("fat", "muscle", "prostate", "rectal_wall", "bladder_wall", "seminal_vesicle", "uterus",
+                      "bowel_wall", "blood", "kidney", "liver", "stool")  # soft tissues whose ranges widen by the
+# style's hu_spread, so that organs and their neighbours overlap in HU and only shape and context tell them apart
 ORIENTATIONS = {"LPS": 0.35, "RAS": 0.2, "LAS": 0.15, "LPI": 0.1, "RPS": 0.1, "RAI": 0.1}  # storage codes
-FOVS = {"pelvis": 0.45, "abdomen_pelvis": 0.35, "abdomen": 0.20}
 FEMALE_FRACTION = 0.4
-Z_RANGES = {"pelvis": (-110, 170), "abdomen_pelvis": (-110, 430), "abdomen": (170, 430)}  # mm, before jitter
+Z_RANGES = {"pelvis": (-110, 170), "abdomen_pelvis": (-110, 430), "abdomen": (170, 430),
+            "chest": (390, 700)}  # mm, before jitter; the femoral heads are at z ~ 5
+ORGAN_REGION_Z = {"prostate": (-45, -15), "bladder": (-20, 40), "rectum": (-60, 60)}  # mm x scale: where each
+# organ lies in any patient; an empty mask is "absent" when this region is in the scan, else "not_imaged"
+
+# --- Styles: how far patients and scanners vary ------------------------------------------------
+# A range is a tuple of (low, high) intervals: a draw picks an interval (by width), then a value in it.
+STYLES = {
+    "train": dict(
+        fovs={"pelvis": 0.35, "abdomen_pelvis": 0.3, "abdomen": 0.17, "chest": 0.18},
+        scale=((0.86, 1.16),), fat=(3, 55), bladder_ml=(15, 700), prostate_ml=(15, 120),
+        rectum_radius={"gas": (13, 30), "stool": (12, 28), "collapsed": (5, 10), "fluid": (10, 22)},
+        rectum_sway=0.0, rectum_x=8, warp=1.0, hu_spread=15, hu_offset=((-12, 12),), noise_sd=(5, 45),
+        blur=(0.7, 1.4), p_fiducials=0.25, p_spacer=0.12, p_catheter=0.1, p_prosthesis=0.1,
+        p_bilateral_prosthesis=0.0, bladder_power=2.0, p_median_lobe=0.0),
+    # Held out: body sizes, scanner calibration and noise outside the training ranges, boxy bladders, a
+    # median prostate lobe bulging into the bladder, a tortuous wide rectum, both hips replaced, stronger warps.
+    "ood": dict(
+        fovs={"pelvis": 0.45, "abdomen_pelvis": 0.15, "abdomen": 0.2, "chest": 0.2},
+        scale=((0.80, 0.86), (1.16, 1.22)), fat=(3, 60), bladder_ml=(40, 800), prostate_ml=(40, 140),
+        rectum_radius={"gas": (24, 33), "stool": (22, 32), "collapsed": (6, 9), "fluid": (16, 24)},
+        rectum_sway=14.0, rectum_x=14, warp=1.8, hu_spread=15, hu_offset=((-30, -14), (14, 30)),
+        noise_sd=(45, 65), blur=(0.6, 1.6), p_fiducials=0.3, p_spacer=0.15, p_catheter=0.15, p_prosthesis=0.25,
+        p_bilateral_prosthesis=0.6, bladder_power=3.0, p_median_lobe=0.5),
+}
 GRIDS = {  # in-plane spacing range (mm), slice spacing choices (mm)
     "demo": ((2.0, 2.5), (2.5, 3.0, 4.0, 5.0)),
     "ct": ((0.6, 1.0), (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)),
@@ -145,10 +178,11 @@ class Warp:
         return out
 
 
-def ellipsoid(grid, centre, axes, rot=None, warp=None, bend=0.0):
+def ellipsoid(grid, centre, axes, rot=None, warp=None, bend=0.0, power=2.0):
     """Level field of a (rotated, warped) ellipsoid: returns (box slices, d mm, <= 0 inside) or None.
 
     `bend` (1/mm) curves a plate: the local first axis is shifted by bend * (local second axis)^2.
+    `power` > 2 gives a superellipsoid (boxier, flat-sided).
     """
     centre = np.asarray(centre, np.float32)
     reach = max(axes) * 1.35 + 4  # room for the warp
@@ -163,9 +197,12 @@ def ellipsoid(grid, centre, axes, rot=None, warp=None, bend=0.0):
         d = [rot[0, i] * d[0] + rot[1, i] * d[1] + rot[2, i] * d[2] for i in range(3)]
     if bend:
         d[0] = d[0] - bend * d[1] ** 2
-    rho2 = (d[0] / axes[0]) ** 2 + (d[1] / axes[1]) ** 2 + (d[2] / axes[2]) ** 2
+    if power == 2.0:
+        rho = np.sqrt((d[0] / axes[0]) ** 2 + (d[1] / axes[1]) ** 2 + (d[2] / axes[2]) ** 2) + 1e-6
+    else:
+        rho = (np.abs(d[0] / axes[0]) ** power + np.abs(d[1] / axes[1]) ** power
+               + np.abs(d[2] / axes[2]) ** power) ** (1 / power) + 1e-6
     r = np.sqrt(d[0] ** 2 + d[1] ** 2 + d[2] ** 2)
-    rho = np.sqrt(rho2) + 1e-6
     return sl, (r * (1 - 1 / rho)).astype(np.float32)  # exact along rays from the centre
 
 
@@ -263,13 +300,21 @@ class Canvas:
 
 
 # --- Random draws: acquisition and patient ----------------------------------------------------
-def draw_acquisition(rng, grid_kind, forced):
+def draw(rng, intervals):
+    """A value from a tuple of (low, high) intervals: an interval chosen by width, then uniform in it."""
+    widths = np.array([hi - lo for lo, hi in intervals], float)
+    lo, hi = intervals[int(rng.choice(len(intervals), p=widths / widths.sum()))]
+    return float(rng.uniform(lo, hi))
+
+
+def draw_acquisition(rng, grid_kind, forced, st):
     """Sex, field of view, voxel grid and storage orientation of one case (before any forced value)."""
     if grid_kind not in GRIDS:
         raise ValueError(f"grid must be one of {', '.join(GRIDS)}; got {grid_kind!r}")
+    fovs = st["fovs"]
     acq = {
         "sex": "female" if rng.random() < FEMALE_FRACTION else "male",
-        "fov": str(rng.choice(list(FOVS), p=list(FOVS.values()))),
+        "fov": str(rng.choice(list(fovs), p=np.array(list(fovs.values())) / sum(fovs.values()))),
         "orientation": str(rng.choice(list(ORIENTATIONS), p=list(ORIENTATIONS.values()))),
     }
     (lo, hi), slices = GRIDS[grid_kind]
@@ -278,7 +323,10 @@ def draw_acquisition(rng, grid_kind, forced):
     acq["fov_jitter"] = rng.uniform(-1, 1, 4)  # z limits, in-plane centre offsets
     acq["cut"] = str(rng.choice(["none", "low", "high"], p=[0.8, 0.1, 0.1]))  # organ cut by the z edge
     acq["inplane_fov"] = float(rng.uniform(380, 480))  # mm, demo grid (the ct grid uses a 512 matrix)
-    acq["noise_sd"] = float(rng.uniform(10, 30))
+    acq["noise_sd"] = float(rng.uniform(*st["noise_sd"]))
+    acq["blur"] = float(rng.uniform(*st["blur"]))  # reconstruction kernel: < 1 sharp, > 1 smooth
+    acq["sharpen"] = float(rng.uniform(0, 0.8)) if rng.random() < 0.3 else 0.0  # edge-enhancing kernel overshoot
+    acq["hu_offset"] = draw(rng, st["hu_offset"])  # scanner calibration of soft tissue, HU
     acq["iv_contrast"] = bool(rng.random() < 0.5)
     acq["bladder_contrast"] = bool(rng.random() < 0.25)
     acq["table"] = bool(rng.random() < 0.7)
@@ -292,18 +340,29 @@ def draw_acquisition(rng, grid_kind, forced):
     return acq
 
 
-def draw_patient(rng, sex):
-    """Anatomical parameters (mm, mL) of one patient; only `rng` and `sex` decide them."""
+def draw_patient(rng, sex, st):
+    """Anatomical parameters (mm, mL) of one patient; only `rng`, `sex` and the style decide them."""
     female = sex == "female"
+    logu = lambda lo, hi: float(np.exp(rng.uniform(np.log(lo), np.log(hi))))  # noqa: E731
     p = {
-        "scale": float(np.clip(rng.normal(0.97 if female else 1.02, 0.05), 0.85, 1.15)),
-        "fat": float(rng.uniform(8, 45)),  # subcutaneous fat thickness
-        "bladder_ml": float(np.exp(rng.uniform(np.log(25), np.log(520)))),  # nearly empty .. ~600 mL
-        "prostate_ml": float(np.exp(rng.uniform(np.log(19), np.log(70)))) if not female else 0.0,
-        "rectum_content": str(rng.choice(["gas", "stool", "collapsed"], p=[0.3, 0.45, 0.25])),
-        "rectum_x": float(rng.uniform(-8, 8)),
+        "scale": draw(rng, st["scale"]) * (0.97 if female else 1.0),
+        "fat": float(rng.uniform(*st["fat"])),  # subcutaneous fat thickness: thin to obese
+        "bladder_ml": logu(*st["bladder_ml"]),  # nearly empty .. distended
+        "prostate_ml": logu(*st["prostate_ml"]) if not female else 0.0,
+        "rectum_content": str(rng.choice(["gas", "stool", "collapsed", "fluid"], p=[0.3, 0.35, 0.25, 0.1])),
+        "rectum_x": float(rng.uniform(-st["rectum_x"], st["rectum_x"])),
+        "rectum_sway": float(rng.uniform(0.5, 1.0) * st["rectum_sway"] * rng.choice([-1, 1])),
         "prostate_calcified": bool(rng.random() < 0.3),
         "oral_contrast": bool(rng.random() < 0.3),
+        "fiducials": bool(not female and rng.random() < st["p_fiducials"]),  # gold markers for IGRT
+        "spacer": bool(not female and rng.random() < st["p_spacer"]),  # rectal spacer hydrogel
+        "spacer_iodinated": bool(rng.random() < 0.3),
+        "catheter": bool(rng.random() < st["p_catheter"]),  # Foley balloon in the bladder
+        "prosthesis": (("both" if rng.random() < st["p_bilateral_prosthesis"] else str(rng.choice(["left", "right"])))
+                       if rng.random() < st["p_prosthesis"] else "none"),
+        "median_lobe": bool(not female and rng.random() < st["p_median_lobe"]),
+        "bladder_power": st["bladder_power"],
+        "warp": st["warp"],
     }
     return p
 
@@ -318,7 +377,7 @@ def paint_body(cv, rng, p, table):
     s, fat = p["scale"], p["fat"]
     trunk = np.array([[-100, 0, -25, 150, 100], [-30, 0, -25, 162, 102], [40, 0, -20, 152, 100],
                       [130, 0, -12, 145, 100], [210, 0, -5, 135, 98], [350, 0, 0, 140, 104],
-                      [470, 0, 0, 145, 108]], np.float32)
+                      [470, 0, 0, 145, 108], [600, 0, 0, 150, 110], [760, 0, 5, 148, 112]], np.float32)
     trunk *= s
     thighs = [np.array([[-260, side * 92, 5, 68, 70], [-150, side * 95, 5, 74, 76], [-80, side * 90, -5, 80, 85]],
                        np.float32) for side in (-1, 1)]
@@ -375,7 +434,8 @@ def paint_muscles(cv, rng, p, trunk, warp):
                            rotation(yaw=side * 10), w), "muscle")
         # Paraspinal muscles: behind the spine and the sacrum.
         cv.paint(ztube(cv.grid, np.array([[0, side * 25, -115, 18, 12], [120, side * 35, -108, 25, 18],
-                                          [470, side * 40, -85, 28, 22]]) * s, w), "muscle")
+                                          [470, side * 40, -85, 28, 22], [760, side * 35, -90, 26, 20]]) * s, w),
+                 "muscle")
     # Levator ani: a thin funnel below the rectum and prostate, open anteriorly.
     funnel = np.array([[-55, 0, -25, 18, 15], [-35, 0, -25, 35, 30], [-10, 0, -20, 55, 50]]) * s
     cv.paint(ztube(cv.grid, funnel, w), "muscle", outside=-5, where=lambda x, y, z: y < -8 * s)
@@ -423,17 +483,27 @@ def bone_parts(cv, rng, p):
     sacrum = np.array([[-45, 0, -70, 5, 4], [-28, 0, -82, 9, 6], [-5, 0, -92, 17, 9], [20, 0, -95, 30, 12],
                        [50, 0, -88, 45, 14], [80, 0, -72, 55, 16], [112, 0, -52, 50, 18]]) * s
     parts.append((ztube(g, sacrum, w), 0))
-    # Lumbar vertebral bodies (discs painted separately) and their posterior arches.
-    for i in range(6):
+    # Lumbar then thoracic vertebral bodies (discs painted separately) and their posterior arches.
+    for i in range(N_VERTEBRAE):
         z0 = (118 + i * 36) * s
-        c = S(0, -40 + 4 * i, 0)
+        dy = spine_y(i) + 40
+        c = S(0, spine_y(i), 0)
         parts.append((ztube(g, [[z0, c[0], c[1], 22 * s, 17 * s], [z0 + 27 * s, c[0], c[1], 24 * s, 18 * s]], w), 0))
-        parts.append((capsule(g, S(0, -72 + 4 * i, 0) + np.array([0, 0, z0 + 10 * s], np.float32),
-                              S(0, -95 + 4 * i, 0) + np.array([0, 0, z0 + 5 * s], np.float32), 6 * s), 0))
+        parts.append((capsule(g, S(0, -72 + dy, 0) + np.array([0, 0, z0 + 10 * s], np.float32),
+                              S(0, -95 + dy, 0) + np.array([0, 0, z0 + 5 * s], np.float32), 6 * s), 0))
         for side in (-1, 1):
-            parts.append((capsule(g, S(side * 12, -58 + 4 * i, 0) + np.array([0, 0, z0 + 12 * s], np.float32),
-                                  S(side * 35, -50 + 4 * i, 0) + np.array([0, 0, z0 + 12 * s], np.float32), 5 * s), 0))
+            parts.append((capsule(g, S(side * 12, -58 + dy, 0) + np.array([0, 0, z0 + 12 * s], np.float32),
+                                  S(side * 35, -50 + dy, 0) + np.array([0, 0, z0 + 12 * s], np.float32), 5 * s), 0))
+    parts.append((capsule(g, S(0, 88, 470), S(0, 95, 640), 9 * s, 7 * s, w), 0))  # sternum
     return parts
+
+
+N_VERTEBRAE = 17  # L5 .. T1 (z from ~118 mm up past the top of the chest field of view)
+
+
+def spine_y(i):
+    """AP position (mm, before scaling) of vertebral body i: lumbar lordosis forward, thoracic kyphosis back."""
+    return -40 + 4 * i if i < 6 else -20 - 3 * (i - 5)
 
 
 def paint_bones(cv, rng, p):
@@ -450,11 +520,12 @@ def paint_bones(cv, rng, p):
     for side in (-1, 1):  # femoral shaft: a thick cortex around fatty marrow
         cv.paint(capsule(cv.grid, np.array([side * 118, 5, -90]) * s, np.array([side * 108, 10, -270]) * s, 8 * s),
                  "marrow")
-    for i in range(6):  # intervertebral discs sit between the vertebral bodies (L5/S1 included)
+    for i in range(N_VERTEBRAE):  # intervertebral discs sit between the vertebral bodies (L5/S1 included)
         z0 = (118 + i * 36) * s
-        cv.paint(ztube(cv.grid, [[z0 - 8 * s, 0, (-40 + 4 * i) * s, 21 * s, 16 * s], [z0 - 1, 0, (-40 + 4 * i) * s,
-                                                                                    22 * s, 17 * s]]), "disc")
-        cv.paint(ellipsoid(cv.grid, np.array([0, -66 + 4 * i, z0 / s + 14]) * s, np.array([8, 7, 16]) * s), "csf")
+        cv.paint(ztube(cv.grid, [[z0 - 8 * s, 0, spine_y(i) * s, 21 * s, 16 * s], [z0 - 1, 0, spine_y(i) * s,
+                                                                                  22 * s, 17 * s]]), "disc")
+        cv.paint(ellipsoid(cv.grid, np.array([0, spine_y(i) - 26, z0 / s + 14]) * s, np.array([8, 7, 16]) * s),
+                 "csf")
 
 
 def paint_vessels(cv, rng, p, iv):
@@ -462,8 +533,9 @@ def paint_vessels(cv, rng, p, iv):
     s = p["scale"]
     art = "artery_enhanced" if iv else "blood"
     vein = "vein_enhanced" if iv else "blood"
-    cv.paint(ztube(cv.grid, np.array([[175, 8, -12, 8, 8], [470, 10, -10, 11, 11]]) * s), art)
-    cv.paint(ztube(cv.grid, np.array([[165, -18, -14, 12, 10], [470, -25, -8, 13, 12]]) * s), vein)
+    cv.paint(ztube(cv.grid, np.array([[175, 8, -12, 8, 8], [470, 10, -10, 11, 11], [700, 20, -45, 13, 13]]) * s), art)
+    cv.paint(ztube(cv.grid, np.array([[165, -18, -14, 12, 10], [470, -25, -8, 13, 12], [520, -25, 0, 14, 13]]) * s),
+             vein)
     for side in (-1, 1):
         # Common iliac, then external iliac along the pelvic brim to the femoral vessels; internal iliac dives down.
         cv.paint(ztube(cv.grid, np.array([[-60, side * 88, 35, 5, 5], [10, side * 80, 38, 5, 5],
@@ -505,6 +577,66 @@ def paint_hip_streak(cv, rng, p):
     x, y, z = cv.grid.coords(sl)
     band = np.exp(-0.5 * ((y - y0) / 4.0) ** 2) * np.cos(np.clip((z - z0) / (25 * s), -1, 1) * np.pi / 2) ** 2
     cv.hu[sl] -= (depth * band * (1 - (x / half_x) ** 2) ** 0.5).astype(np.float32)
+
+
+def paint_chest(cv, rng, p, trunk, iv):
+    """Lungs with their vessels, the heart (contrast-filled when IV contrast) and ribs: only on chest fields
+    of view. A chest scan holds no pelvic organ; the heart's bright chambers are the classic false bladder."""
+    s, g = p["scale"], cv.grid
+    if g.box((-1e4, -1e4, 380 * s), (1e4, 1e4, 1e4)) is None:
+        return
+    w = Warp(rng, 5, 90)
+    dome = float(rng.uniform(470, 510)) * s  # diaphragm dome; the liver lies beneath it on the right
+    for side in (-1, 1):
+        lung = ellipsoid(g, np.array([side * 75, -12, dome + 165]) * [s, s, 1], np.array([62, 80, 170]) * s, warp=w)
+        cv.paint(lung, "lung")
+        for _ in range(12):  # pulmonary vessels
+            a = np.array([side * rng.uniform(30, 110), rng.uniform(-70, 50), dome + rng.uniform(20, 250)], np.float32)
+            vessel = capsule(g, a, a + rng.normal(scale=25, size=3), rng.uniform(1.0, 3.0))
+            if vessel is not None:  # only inside aerated lung (not in the air around the body)
+                cv.paint(vessel, "blood", where=(cv.hu[vessel[0]] > -950) & (cv.hu[vessel[0]] < -600))
+    centre = np.array([15, 22, dome + 70], np.float32) * [s, s, 1]
+    axes = np.array([62, 48, 56], np.float32) * s * float(rng.uniform(0.85, 1.15))
+    heart = ellipsoid(g, centre, axes, rotation(yaw=35, pitch=-20), Warp(rng, 4, 60))
+    cv.paint(heart, cv.hu_means["muscle"] + (30 if iv else 0))  # myocardium
+    cv.paint(heart, "heart_enhanced" if iv else "blood", inside=-9.0)  # chambers
+    # Ribs: hoops in the chest wall, one every ~26 mm, painted as cortical bone (the bone pass keeps them bone).
+    rows = trunk[trunk[:, 0] >= 330 * s]
+    phase = float(rng.uniform(0, 26))
+    ribs = ztube(g, rows, Warp(rng, 3, 80, axes=(0, 1)))
+    cv.paint(ribs, "cortical", inside=-13.0, outside=-19.0,
+             where=lambda x, y, z: (np.mod(z + phase + 0.15 * y, 26 * s) < 9 * s) & (z > 390 * s))
+
+
+def paint_prosthesis(cv, rng, p):
+    """Total hip replacement (one or both sides): metal head, neck, stem and cup, with beam-hardening streaks
+    and photon-starvation bands across the pelvis. Femur masks keep the implant (it replaces the bone)."""
+    if p["prosthesis"] == "none":
+        return
+    s, g = p["scale"], cv.grid
+    sides = {"left": (1,), "right": (-1,), "both": (-1, 1)}[p["prosthesis"]]
+    for side in sides:
+        head = np.array([side * 88, 8, 5], np.float32) * s
+        for f in (ellipsoid(g, head, (22 * s,) * 3), capsule(g, head, np.array([side * 120, 0, -30]) * s, 9 * s),
+                  capsule(g, np.array([side * 122, 2, -30]) * s, np.array([side * 112, 8, -160]) * s, 8 * s, 5 * s)):
+            cv.paint(f, 3071.0)
+        cup = ellipsoid(g, head, (27 * s,) * 3)
+        cv.paint(cup, 3071.0, inside=0.0, outside=-3.0, where=lambda x, y, z: side * (x - head[0]) < 4)
+    sl = g.box((-220, -180, -40 * s), (220, 180, 50 * s))
+    if sl is None:
+        return
+    x, y, z = g.coords(sl)
+    streak = np.zeros(cv.hu[sl].shape, np.float32)
+    for side in sides:
+        hx, hy, hz = side * 88 * s, 8 * s, 5 * s
+        ang = np.arctan2(y - hy, x - hx)
+        rr = np.sqrt((x - hx) ** 2 + (y - hy) ** 2) + 1.0
+        streak += (float(rng.uniform(150, 500)) * np.cos(int(rng.integers(4, 9)) * 2 * ang + rng.uniform(0, 6.3))
+                   * np.exp(-rr / 70) * np.exp(-((z - hz) / 30) ** 2)).astype(np.float32)
+    if len(sides) == 2:  # dark band along the line joining the two implants
+        streak -= (float(rng.uniform(150, 400)) * np.exp(-0.5 * ((y - 8 * s) / 6) ** 2)
+                   * np.exp(-((z - 5 * s) / 20) ** 2) * (np.abs(x) < 90 * s)).astype(np.float32)
+    cv.hu[sl] += streak
 
 
 def bowel_loop(cv, rng, start, n_seg, radius, lo, hi, content, oral):
@@ -563,12 +695,12 @@ def paint_abdominal_organs(cv, rng, p, iv):
              cv.hu_means["liver"] + (ENHANCEMENT_HU["liver"] if iv else 0))
 
 
-def organ_layout(rng, p, sex):
+def organ_layout(rng, p, sex, st):
     """Centres and sizes of rectum, prostate, bladder (world mm), sized from the drawn volumes."""
     s = p["scale"]
     female = sex == "female"
     content = p["rectum_content"]
-    r_lumen = {"gas": rng.uniform(14, 21), "stool": rng.uniform(13, 20), "collapsed": rng.uniform(7, 10)}[content]
+    r_lumen = float(rng.uniform(*st["rectum_radius"][content]))  # 1-6 cm wide, collapsed to distended
     z_top = float(rng.uniform(75, 100) * s)
     rx = p["rectum_x"]
     back = -8 * s if female else 0.0  # in women the vagina and cervix sit between bladder and rectum
@@ -578,8 +710,12 @@ def organ_layout(rng, p, sex):
                      [10 * s, rx, -48 * s + back, r_lumen * 1.15, r_lumen],
                      [45 * s, rx + 5, -55 * s, r_lumen, r_lumen * 0.9],
                      [z_top, rx + 15, -42 * s, r_lumen * 0.8, r_lumen * 0.75]], np.float32)
+    rect[2:, 1] += p["rectum_sway"] * np.array([0.6, -1.0, 1.0, -0.5], np.float32)  # tortuous (held-out style)
     lay = {"rectum": rect, "rectum_top": z_top}
     rect_front_y = -26 * s + back + r_lumen * 0.85 + 3  # anterior rectal wall at the prostate / cervix level
+    lay["spacer_y"] = float(rect_front_y)
+    if p["spacer"]:
+        rect_front_y += float(rng.uniform(7, 12))  # the gel pushes the prostate ~1 cm away from the rectal wall
     if not female:
         k = (p["prostate_ml"] * 1000 / (4 / 3 * np.pi * 1.35 * 1.0 * 1.15)) ** (1 / 3)  # V = 4/3 pi abc
         axes = np.array([1.35 * k, 1.0 * k, 1.15 * k], np.float32)
@@ -643,21 +779,25 @@ def paint_organs(cv, rng, p, sex, lay, acq):
     iv = acq["iv_contrast"]
     wall = ENHANCEMENT_HU["rectal_wall"] if iv else 0
     # Rectum: wall plus lumen; the rectum stops at the rectosigmoid junction (sigmoid painted earlier).
-    rect = ztube(g, lay["rectum"], Warp(rng, 3, 50, axes=(0, 1)))
-    rect_lumen = ztube(g, lay["rectum"][2:], Warp(rng, 2, 50, axes=(0, 1)), grow=-3.0)
+    k = p["warp"]  # shape irregularity (stronger in the held-out style)
+    rect = ztube(g, lay["rectum"], Warp(rng, 3 * k, 50, axes=(0, 1)))
+    rect_lumen = ztube(g, lay["rectum"][2:], Warp(rng, 2 * k, 50, axes=(0, 1)), grow=-3.0)
     bl_c, bl_a = lay["bladder"]
-    bl = ellipsoid(g, bl_c, bl_a, rotation(pitch=-10), Warp(rng, 0.08 * bl_a.min() + 2, 70))
-    pr = None
+    bl = ellipsoid(g, bl_c, bl_a, rotation(pitch=-10), Warp(rng, (0.08 * bl_a.min() + 2) * k, 70),
+                   power=p["bladder_power"])
+    pr = lobe = None
     if sex == "male":
         pc, pa = lay["prostate"]
-        pr = ellipsoid(g, pc, pa, rotation(pitch=-15), Warp(rng, 2.0, 35))
-    fields = [f for f in (rect, bl, pr) if f is not None]
+        pr = ellipsoid(g, pc, pa, rotation(pitch=-15), Warp(rng, 2.0 * k, 35))
+        if p["median_lobe"]:  # benign hyperplasia: a median lobe bulging up into the bladder base
+            lobe = ellipsoid(g, pc + np.array([0, 0.2 * pa[1], 0.85 * pa[2]], np.float32), 0.5 * pa, warp=Warp(rng, 1, 25))
+    fields = [f for f in (rect, bl, pr, lobe) if f is not None]
     if not fields:  # abdomen-only field of view: the pelvic organs are outside the grid
         return
     # Work inside the union box of the three organs (C-order sub-arrays: cheap even on a 512^2 grid).
     box = tuple(slice(min(f[0][a].start for f in fields), max(f[0][a].stop for f in fields)) for a in range(3))
     hu, bone = cv.hu[box], cv.bone[box]
-    prostate = in_box(pr, box) & ~bone
+    prostate = (in_box(pr, box) | in_box(lobe, box)) & ~bone
     bladder = in_box(bl, box) & ~bone & ~prostate
     rectum = in_box(rect, box) & ~bone & ~prostate & ~bladder
     # Rectum: wall, then its content inside the lumen.
@@ -671,6 +811,10 @@ def paint_organs(cv, rng, p, sex, lay, acq):
         n = ndimage.gaussian_filter(rng.standard_normal(lumen.shape).astype(np.float32), 1.2)
         n /= n.std() + 1e-6
         hu[lumen] = np.where(n > 0.5, cv.hu_means["gas"], cv.hu_means["stool"] + 30 * n)[lumen]
+    elif content == "fluid":  # enema or diarrhoea: fluid with a gas cap on the anterior (non-dependent) side
+        y = np.broadcast_to(g.coords(box)[1], lumen.shape)
+        cap = np.quantile(y[lumen], rng.uniform(0.7, 1.0)) if lumen.any() else np.inf
+        hu[lumen] = np.where(y > cap, cv.hu_means["gas"], cv.hu_means["bowel_fluid"])[lumen]
     else:  # collapsed: mucus between apposed walls
         hu[lumen] = cv.hu_means["rectal_wall"] - 10
     # Bladder: wall (thicker when empty), urine, optional dependent (posterior) layer of excreted contrast.
@@ -689,8 +833,51 @@ def paint_organs(cv, rng, p, sex, lay, acq):
         for _ in range(rng.integers(1, 4)):
             calc = ellipsoid(g, pc + rng.uniform(-0.4, 0.4, 3) * pa, (rng.uniform(1.2, 2.5),) * 3)
             hu[in_box(calc, box) & prostate] = cv.hu_means["calcification"]
+    paint_devices(cv, rng, p, lay, box, prostate, bladder, rectum)
     for name, mask in (("prostate", prostate), ("bladder", bladder), ("rectum", rectum)):
         cv.masks[name][box] = mask
+
+
+def paint_devices(cv, rng, p, lay, box, prostate, bladder, rectum):
+    """Radiotherapy and urology devices inside the organs' box: gold fiducials in the prostate (with their
+    star-shaped streaks), a Foley catheter balloon in the bladder, a rectal spacer gel behind the prostate.
+    Organ masks are not changed: contours include a balloon or a marker, as planners draw them."""
+    g, hu = cv.grid, cv.hu[box]
+    bone = cv.bone[box]
+    bc, ba = lay["bladder"]
+    if p["catheter"]:
+        neck = bc - np.array([0, 0, ba[2] * 0.75], np.float32)
+        r = float(rng.uniform(9, 14))
+        balloon = in_box(ellipsoid(g, neck, (r, r, r * 0.9)), box) & bladder
+        hu[balloon] = cv.hu_means["bladder_wall"]  # the balloon's wall
+        fill = rng.choice(["water", "air", "contrast"], p=[0.7, 0.15, 0.15])
+        hu[in_box(ellipsoid(g, neck, (r - 1.5, r - 1.5, r * 0.9 - 1.5)), box) & bladder] = \
+            {"water": cv.hu_means["urine"], "air": cv.hu_means["gas"], "contrast": cv.hu_means["excreted_contrast"]}[fill]
+        tube = in_box(capsule(g, neck, neck - np.array([0, -10, 90], np.float32), 3.0), box) & ~bone
+        hu[tube & ~in_box(ellipsoid(g, neck, (r, r, r)), box)] = float(rng.uniform(80, 250))  # silicone / latex
+    if p["spacer"] and "prostate" in lay:
+        pc, pa = lay["prostate"]
+        gel = ellipsoid(g, np.array([pc[0], lay["spacer_y"] + 4, pc[2]], np.float32), (pa[0] * 0.9, 5.5, pa[2] * 1.1),
+                        warp=Warp(rng, 1.5, 30))
+        region = in_box(gel, box) & ~prostate & ~rectum & ~bladder & ~bone
+        hu[region] = float(rng.uniform(150, 300)) if p["spacer_iodinated"] else float(rng.uniform(5, 30))
+    if p["fiducials"] and "prostate" in lay:
+        pc, pa = lay["prostate"]
+        x, y, z = g.coords(box)
+        for _ in range(3):
+            c = pc + rng.uniform(-0.5, 0.5, 3).astype(np.float32) * pa
+            # A 1 x 3 mm gold seed blooms to a voxel or two at 3071 HU whatever the voxel size.
+            seed = in_box(capsule(g, c - [0, 0, 1.5], c + [0, 0, 1.5], 0.6 * float(g.spacing.max())), box)
+            if not seed.any():
+                continue
+            # Streaks: alternating bright and dark rays in the axial plane, fading with distance and off-slice.
+            dx, dy, dz = x - c[0], y - c[1], z - c[2]
+            rr = np.sqrt(dx ** 2 + dy ** 2) + 1.0
+            ang = np.arctan2(dy, dx)
+            amp = float(rng.uniform(60, 250))
+            hu += (amp * np.cos(int(rng.integers(3, 7)) * 2 * ang + rng.uniform(0, 6.3)) * np.exp(-rr / 25)
+                   * np.exp(-(dz / 4) ** 2)).astype(np.float32)
+            hu[seed] = 3071
 
 
 def in_box(field, box, inside=0.0):
@@ -715,7 +902,7 @@ def make_grid(acq, grid_kind, forced_shape=None):
     j = acq["fov_jitter"]
     z_lo, z_hi = Z_RANGES[acq["fov"]]
     z_lo, z_hi = z_lo + 25 * j[0], z_hi + 30 * j[1]
-    if acq["cut"] == "low" and acq["fov"] != "abdomen":
+    if acq["cut"] == "low" and acq["fov"] in ("pelvis", "abdomen_pelvis"):
         z_lo = -30 + 15 * j[0]  # through the prostate / lower rectum
     elif acq["cut"] == "high" and acq["fov"] == "pelvis":
         z_hi = 40 + 20 * j[1]  # through the bladder
@@ -735,7 +922,10 @@ def form_image(cv, rng, acq):
     """Partial-volume blur (scanner PSF + slice profile) and correlated noise; returns int16 HU."""
     sx, sy, sz = acq["spacing"]
     # Sigmas in voxels: ~0.7 mm in-plane PSF; the slice profile mixes neighbouring slices when slices are thick.
-    sig = (max(0.7 / sx, 0.45), max(0.7 / sy, 0.45), 0.5 if sz >= 2.5 else 0.35)
+    b = acq["blur"]
+    sig = (max(0.7 * b / sx, 0.45 * b), max(0.7 * b / sy, 0.45 * b), 0.5 * b if sz >= 2.5 else 0.35 * b)
+    soft = cv.hu > -300  # scanner calibration shifts soft tissue and bone, not air
+    cv.hu[soft] += acq["hu_offset"]
     # White noise of sd n has sd n * sqrt(sum k^2) after the blur: pre-scale so the final sd is noise_sd.
     gain = 1.0
     for sg in sig:
@@ -747,6 +937,8 @@ def form_image(cv, rng, acq):
     cv.hu += noise  # in place throughout: a 512^2 x 300 float32 volume is 300 MB
     del noise
     ndimage.gaussian_filter(cv.hu, sig, output=cv.hu, truncate=3.0)
+    if acq["sharpen"]:  # edge-enhancing (bone / lung) kernel: unsharp mask, overshoot at edges
+        cv.hu += acq["sharpen"] * (cv.hu - ndimage.gaussian_filter(cv.hu, 1.0, truncate=2.0))
     np.rint(cv.hu, out=cv.hu)
     np.clip(cv.hu, -1024, 3071, out=cv.hu)
     return cv.hu.astype(np.int16)
@@ -771,30 +963,38 @@ def nifti(data, affine):
 
 
 # --- Public API ---------------------------------------------------------------------------------
-def make_case(seed, grid="demo", **forced):
+def make_case(seed, grid="demo", style="train", **forced):
     """One synthetic case: dict(ct=int16 NIfTI, masks={name: uint8 NIfTI}, meta=dict).
 
-    `forced` overrides random draws: sex, fov, orientation, spacing (mm, x y z), shape (voxels),
-    iv_contrast, bladder_contrast, table, noise_sd, cut. The anatomy depends only on `seed` (and sex),
-    so the same seed in two orientations gives the same world-space organs.
+    `style` picks the ranges (STYLES). `forced` overrides random draws: sex, fov, orientation, spacing (mm,
+    x y z), shape (voxels), iv_contrast, bladder_contrast, table, noise_sd, cut. The anatomy depends only on
+    `seed`, sex and style, so the same seed in two orientations gives the same world-space organs.
     """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}; got {style!r}")
+    st = STYLES[style]
     root = np.random.SeedSequence(int(seed))
     acq_rng, anat_rng, noise_rng = (np.random.default_rng(s) for s in root.spawn(3))
-    acq = draw_acquisition(acq_rng, grid, forced)
-    p = draw_patient(anat_rng, acq["sex"])
+    acq = draw_acquisition(acq_rng, grid, forced, st)
+    if acq["fov"] not in Z_RANGES:
+        raise ValueError(f"fov must be one of {', '.join(Z_RANGES)}; got {acq['fov']!r}")
+    p = draw_patient(anat_rng, acq["sex"], st)
     g = make_grid(acq, grid, forced.get("shape"))
-    means = {k: float(anat_rng.uniform(*v)) for k, v in TISSUE_HU.items()}
+    spread = {k: st["hu_spread"] if k in RANDOMISED_TISSUES else 0.0 for k in TISSUE_HU}
+    means = {k: float(anat_rng.uniform(lo - spread[k], hi + spread[k])) for k, (lo, hi) in TISSUE_HU.items()}
     cv = Canvas(g, means)
     trunk, warp = paint_body(cv, anat_rng, p, acq["table"])
     paint_muscles(cv, anat_rng, p, trunk, warp)
-    lay = organ_layout(anat_rng, p, acq["sex"])
+    lay = organ_layout(anat_rng, p, acq["sex"], st)
     paint_bowel(cv, anat_rng, p, lay["bladder_top"])
     paint_abdominal_organs(cv, anat_rng, p, acq["iv_contrast"])
+    paint_chest(cv, anat_rng, p, trunk, acq["iv_contrast"])
     paint_vessels(cv, anat_rng, p, acq["iv_contrast"])
     paint_pelvic_distractors(cv, anat_rng, p, acq["sex"], lay, acq["iv_contrast"])
     paint_small_structures(cv, anat_rng, p, acq["iv_contrast"])
     paint_bones(cv, anat_rng, p)
     paint_organs(cv, anat_rng, p, acq["sex"], lay, acq)
+    paint_prosthesis(cv, anat_rng, p)
     paint_hip_streak(cv, anat_rng, p)
     hu = form_image(cv, noise_rng, acq)
 
@@ -804,7 +1004,10 @@ def make_case(seed, grid="demo", **forced):
     voxel_ml = float(np.prod(g.spacing)) / 1000.0
     volumes = {name: round(float(cv.masks[name].sum()) * voxel_ml, 3) for name in MASK_NAMES}
     meta = {
-        "seed": int(seed), "grid": grid, "sex": acq["sex"], "fov": acq["fov"], "orientation": code,
+        "seed": int(seed), "grid": grid, "style": style, "sex": acq["sex"], "fov": acq["fov"], "orientation": code,
+        "status": organ_status(cv.masks, g, p["scale"]),
+        "femoral_head_z_mm": round(5 * p["scale"], 1), "z_extent_mm": [round(float(g.axes[2][0]), 1),
+                                                                        round(float(g.axes[2][-1]), 1)],
         "spacing": [float(v) for v in nib.affines.voxel_sizes(affine)], "shape": list(ct.shape),
         "volumes_ml": volumes, "present": {k: v > 0 for k, v in volumes.items()},
         "touches_fov_edge": {name: bool(_touches_edge(cv.masks[name])) for name in MASK_NAMES},
@@ -812,8 +1015,27 @@ def make_case(seed, grid="demo", **forced):
         "iv_contrast": acq["iv_contrast"], "bladder_contrast": acq["bladder_contrast"],
         "rectum_content": p["rectum_content"], "table": acq["table"], "noise_sd_hu": round(acq["noise_sd"], 1),
         "fov_cut": acq["cut"], "patient_scale": round(p["scale"], 3), "fat_mm": round(p["fat"], 1),
+        "devices": {"fiducials": p["fiducials"], "spacer": p["spacer"], "catheter": p["catheter"],
+                    "prosthesis": p["prosthesis"]},
+        "median_lobe": p["median_lobe"], "hu_offset": round(acq["hu_offset"], 1), "kernel_blur": round(acq["blur"], 2),
+        "hu_means": {k: round(v, 1) for k, v in means.items()},
     }
     return {"ct": nifti(ct, affine), "masks": masks, "meta": meta}
+
+
+def organ_status(masks, grid, scale):
+    """True status of each segmented organ: present, partially_imaged (cut by the grid edge), absent (its
+    region, ORGAN_REGION_Z, is in the scan but the organ is not: a female prostate) or not_imaged."""
+    z0, z1 = float(grid.axes[2][0]), float(grid.axes[2][-1])
+    out = {}
+    for organ in config.ORGANS:
+        m = masks[organ]
+        if m.any():
+            out[organ] = "partially_imaged" if _touches_edge(m) else "present"
+        else:
+            lo, hi = (v * scale for v in ORGAN_REGION_Z[organ])
+            out[organ] = "absent" if z0 <= (lo + hi) / 2 <= z1 else "not_imaged"
+    return out
 
 
 def _touches_edge(mask):
@@ -850,14 +1072,14 @@ def case_done(case_dir):
 
 
 def _generate_one(job):
-    out_dir, seed, index, grid = job
+    out_dir, seed, index, grid, style = job
     case_dir = Path(out_dir) / f"BDMAP_{index + 1:08d}"
     if not case_done(case_dir):
-        write_case(make_case(case_seed(seed, index), grid), case_dir)
+        write_case(make_case(case_seed(seed, index), grid, style), case_dir)
     return str(case_dir)
 
 
-def _claim_root(out_dir, seed, grid, n_cases):
+def _claim_root(out_dir, seed, grid, n_cases, style="train"):
     """Write out_dir/phantom.json, the marker that says 'these cases are the phantom' (run_pipeline, analyze).
 
     Cases are skipped when already written, so a folder made with another seed or grid must not be topped up.
@@ -865,16 +1087,17 @@ def _claim_root(out_dir, seed, grid, n_cases):
     marker = out_dir / "phantom.json"
     if marker.is_file():
         old = json.loads(marker.read_text())
-        if (old.get("seed"), old.get("grid")) != (seed, grid):
-            raise ValueError(f"{marker}: phantom written with seed {old.get('seed')} grid {old.get('grid')}, "
-                             f"asked for seed {seed} grid {grid}; use another folder or delete it")
+        if (old.get("seed"), old.get("grid"), old.get("style", "train")) != (seed, grid, style):
+            raise ValueError(f"{marker}: phantom written with seed {old.get('seed')} grid {old.get('grid')} style "
+                             f"{old.get('style', 'train')}, asked for seed {seed} grid {grid} style {style}; "
+                             "use another folder or delete it")
         n_cases = max(n_cases, int(old.get("n_cases", 0)))
-    info = {"generator": "phantom.py", "seed": seed, "grid": grid, "n_cases": n_cases,
+    info = {"generator": "phantom.py", "seed": seed, "grid": grid, "style": style, "n_cases": n_cases,
             "layout": "AbdomenAtlas 1.1 Mini", "label_values": config.LABEL_VALUES}
     write_text_atomic(marker, json.dumps(info, indent=1))
 
 
-def generate_dataset(out_dir, n_cases=None, seed=None, grid=None, workers=None):
+def generate_dataset(out_dir, n_cases=None, seed=None, grid=None, workers=None, style="train"):
     """Write cases BDMAP_00000001.. under out_dir (skipping finished ones); returns the case dirs."""
     from tqdm import tqdm
     n_cases = config.PHANTOM_CASES if n_cases is None else n_cases
@@ -883,8 +1106,10 @@ def generate_dataset(out_dir, n_cases=None, seed=None, grid=None, workers=None):
     workers = config.NUM_WORKERS if workers is None else workers
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _claim_root(out_dir, seed, grid, n_cases)
-    jobs = [(str(out_dir), seed, i, grid) for i in range(n_cases)]
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}; got {style!r}")
+    _claim_root(out_dir, seed, grid, n_cases, style)
+    jobs = [(str(out_dir), seed, i, grid, style) for i in range(n_cases)]
     if workers > 1:
         with Pool(workers) as pool:
             dirs = list(tqdm(pool.imap(_generate_one, jobs), total=n_cases, desc="phantom", unit="case"))
@@ -935,13 +1160,15 @@ def main():
     parser.add_argument("--cases", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--grid", choices=sorted(GRIDS), default=None)
+    parser.add_argument("--style", choices=sorted(STYLES), default="train",
+                        help="train (default) or ood, the held-out style of the generalisation check")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--preview", type=Path, default=None, help="also write a preview PNG here")
     args = parser.parse_args()
     out = args.out or config.DATA_ROOT
     t0 = time.time()
     try:
-        dirs = generate_dataset(out, args.cases, args.seed, args.grid, args.workers)
+        dirs = generate_dataset(out, args.cases, args.seed, args.grid, args.workers, args.style)
     except ValueError as err:  # bad settings: one line, no traceback
         raise SystemExit(f"phantom.py: {err}")
     print(f"{len(dirs)} cases in {out} ({time.time() - t0:.1f} s)")

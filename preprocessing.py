@@ -203,7 +203,15 @@ def load_ct(path):
     singleton 4th axis is squeezed), non-finite values, implausible spacing, a constant image or values that
     look unrescaled. Warnings are in img.extra["warnings"].
     """
-    data, affine, header, warnings = _read_nifti(path)
+    if Path(path).is_dir():  # a DICOM CT series folder (BDMAP_x/ct/): dicom_io sorts, checks and converts it
+        import dicom_io
+        try:
+            img, _ = dicom_io.read_ct_series(path)
+        except dicom_io.DicomError as exc:
+            raise CaseError(exc.path, exc.problem) from None
+        data, affine, header, warnings = np.asanyarray(img.dataobj), img.affine, img.header, img.extra["warnings"]
+    else:
+        data, affine, header, warnings = _read_nifti(path)
     _check_spacing(path, affine, header)
     data = _check_hu(path, data)
     img = nib.Nifti1Image(data, affine)
@@ -228,6 +236,13 @@ def _load_mask(path, ct):
     return mask, warnings + ([warning] if warning else [])
 
 
+def ct_path(case_dir):
+    """The case's CT: ct.nii.gz, else a DICOM series folder ct/ (slice files, any names)."""
+    case_dir = Path(case_dir)
+    nifti = case_dir / "ct.nii.gz"
+    return case_dir / "ct" if not nifti.is_file() and (case_dir / "ct").is_dir() else nifti
+
+
 def read_case(case_dir):
     """Read and check one case folder.
 
@@ -238,7 +253,7 @@ def read_case(case_dir):
     Raises CaseError for a case that cannot be used. An unreadable optional extra mask is only a warning.
     """
     case_dir = Path(case_dir)
-    ct = load_ct(case_dir / "ct.nii.gz")
+    ct = load_ct(ct_path(case_dir))
     warnings = list(ct.extra.get("warnings", []))
     combined, combined_path = None, case_dir / "combined_labels.nii.gz"
 
@@ -550,6 +565,7 @@ def _fingerprint(case_dir):
     """{relative path: [size, mtime_ns]} of the input files, so an edited input is redone."""
     case_dir = Path(case_dir)
     files = [case_dir / "ct.nii.gz", case_dir / "combined_labels.nii.gz"]
+    files += sorted(p for p in (case_dir / "ct").rglob("*") if p.is_file()) if (case_dir / "ct").is_dir() else []
     files += sorted((case_dir / "segmentations").glob("*.nii.gz"))
     return {str(p.relative_to(case_dir)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}
 
@@ -595,7 +611,7 @@ def process_case(case_dir, out_case_dir):
     try:
         hu, geom = prepare_ct(ct)
     except ValueError as exc:
-        raise CaseError(case_dir / "ct.nii.gz", str(exc)) from None
+        raise CaseError(ct_path(case_dir), str(exc)) from None
     label = prepare_labels(case["masks"], geom)
     warnings = case["warnings"] + geom.pop("warnings")
     voxel_ml = float(np.prod(geom["original_spacing"])) / 1000.0

@@ -43,6 +43,24 @@ def ensure_data():
     return root
 
 
+def generalisation_check():
+    """Score the model where it was never trained: phantoms of the held-out style and real CTs that hold no
+    pelvic organ (config.EMPTY_CTS). Results in EVAL_DIR/heldout/, next to the test split's."""
+    if config.HELDOUT_CASES <= 0 and not config.EMPTY_CTS:
+        return None
+    import evaluate
+    import phantom
+    root = None
+    if config.HELDOUT_CASES > 0:
+        root = Path(config.HELDOUT_DATA_ROOT)
+        phantom.generate_dataset(root, config.HELDOUT_CASES, config.HELDOUT_SEED, config.PHANTOM_GRID,
+                                 config.NUM_WORKERS, style="ood")
+    print(f"generalisation check: {config.HELDOUT_CASES} held-out-style phantoms, {len(config.EMPTY_CTS)} real "
+          "CTs with no pelvic organ", flush=True)
+    return evaluate.evaluate(split=None, plots=False, data_root_dir=root, empty=config.EMPTY_CTS,
+                             out_dir=Path(config.EVAL_DIR) / "heldout")
+
+
 def run(stages, resume=False):
     """Run the named stages in pipeline order; returns {stage: seconds}."""
     timings = {}
@@ -61,6 +79,7 @@ def run(stages, resume=False):
         elif stage == "eval":
             import evaluate
             evaluate.evaluate()
+            generalisation_check()
         elif stage == "analyze":
             import analyze
             analyze.analyze()
@@ -76,10 +95,14 @@ def summary(timings):
              f"  logs:        {Path(config.LOG_DIR) / 'train_log.jsonl'}",
              f"  evaluation:  {Path(config.EVAL_DIR) / 'evaluation_report.md'}",
              f"  report:      {Path(config.ANALYSIS_DIR) / 'report.md'}"]
-    stats_path = Path(config.EVAL_DIR) / "summary_statistics.json"
-    if stats_path.is_file():
+    for title, stats_path in (
+            ("test set", Path(config.EVAL_DIR) / "summary_statistics.json"),
+            ("held out (ood-style phantoms + real CTs with no pelvic organ)",
+             Path(config.EVAL_DIR) / "heldout" / "summary_statistics.json")):
+        if not stats_path.is_file():
+            continue
         stats = json.loads(stats_path.read_text())
-        lines.append("  test set, organ-present cases only (absent organs are never scored as Dice 1):")
+        lines.append(f"  {title}, organ-present cases only (absent organs are never scored as Dice 1):")
         for organ, s in stats.get("organs", {}).items():
             dice, hd = s.get("dice") or {}, s.get("hd95") or {}
             det = s.get("detection") or {}

@@ -307,6 +307,7 @@ def validate(model, case_ids, device):
     scored = {o: [] for o in config.ORGANS}
     scored_lcc = {o: [] for o in config.ORGANS}  # the same with only the largest component per organ
     false_organs = {o: 0 for o in config.ORGANS}
+    overlap = {False: {o: [] for o in config.ORGANS}, True: {o: [] for o in config.ORGANS}}  # (ref, pred, both)
     losses = []
     for cid in case_ids:
         folder = Path(config.PROCESSED_DIR) / "cases" / cid
@@ -321,6 +322,8 @@ def validate(model, case_ids, device):
         pred_lcc = torch.as_tensor(inference.largest_component(labels, len(config.ORGANS)))
         for k, organ in enumerate(config.ORGANS, start=1):
             r, p, p_lcc = ref == k, pred == k, pred_lcc == k
+            for lcc, q in ((False, p), (True, p_lcc)):
+                overlap[lcc][organ].append((r.sum().item(), q.sum().item(), (r & q).sum().item()))
             if r.any():
                 d = 2 * (r & p).sum().item() / (r.sum().item() + p.sum().item())
                 dice[organ].append(d)
@@ -340,7 +343,35 @@ def validate(model, case_ids, device):
     return {"val_loss": float(np.mean(losses)) if losses else None, "val_dice": mean,
             "val_dice_mean": (float(np.mean([v for v in mean.values() if v is not None]))
                               if any(v is not None for v in mean.values()) else None),
-            "val_false_organs": false_organs, "score": score, "score_largest_component": score_lcc}
+            "val_false_organs": false_organs, "score": score, "score_largest_component": score_lcc,
+            "overlap": overlap}
+
+
+def _organ_score(overlaps, min_voxels):
+    """Mean Dice of one organ over val cases where it is in the reference or in the prediction, with
+    predictions smaller than `min_voxels` removed (a false organ and a missed organ score 0)."""
+    scores = []
+    for ref, pred, both in overlaps:
+        pred, both = (0, 0) if pred < min_voxels else (pred, both)
+        if ref or pred:
+            scores.append(2 * both / (ref + pred))
+    return float(np.mean(scores)) if scores else None
+
+
+def presence_decision(overlaps, voxel_ml):
+    """Minimum predicted volume (mL) below which an organ counts as absent, for one organ, decided on the
+    validation split: the smallest cut that maximises _organ_score, placed at the geometric middle between the
+    predicted volumes it separates (0 = remove nothing). An organ in no validation reference scores None, and
+    removing its false predictions then beats keeping them. Returns (mL, score)."""
+    vols = sorted({pred for _, pred, _ in overlaps if pred})
+    rank = lambda s: 1.0 if s is None else s  # noqa: E731 (nothing left to score: no false organ)
+    best = (_organ_score(overlaps, 0), 0.0)
+    for lo, hi in zip(vols, vols[1:] + [None]):  # remove every prediction of <= lo voxels
+        score = _organ_score(overlaps, lo + 1)
+        cut = (lo * hi) ** 0.5 if hi else 2.0 * lo
+        if rank(score) > rank(best[0]) + 1e-9:
+            best = (score, cut)
+    return best[1] * voxel_ml, best[0]
 
 
 def largest_component_decision(val):
@@ -349,6 +380,24 @@ def largest_component_decision(val):
     if config.LARGEST_COMPONENT != "auto":
         return inference.keep_largest_on(config.LARGEST_COMPONENT)
     return val["score_largest_component"] is not None and val["score_largest_component"] > val["score"]
+
+
+def postprocess_decision(val):
+    """Clean-up decided on the validation split: (keep largest component, {organ: minimum mL}, score).
+
+    The score is the selection score after both rules, so the best checkpoint is the one that is best once
+    cleaned up, and a false organ the rules remove no longer costs it anything."""
+    keep = largest_component_decision(val)
+    voxel_ml = float(np.prod(config.TARGET_SPACING)) / 1000.0
+    min_ml, scores = {}, []
+    for organ in config.ORGANS:
+        overlaps = val["overlap"][keep][organ]
+        ml, score = presence_decision(overlaps, voxel_ml) if config.PRESENCE_RULE == "auto" else (
+            0.0, _organ_score(overlaps, 0))
+        min_ml[organ] = round(ml, 3)
+        if score is not None:
+            scores.append(score)
+    return keep, min_ml, (float(np.mean(scores)) if scores else None)
 
 
 def _rng_state(gen):
@@ -454,17 +503,18 @@ def train(resume=False, show_progress=None, stop_after=None):
         if main_rank:
             if epoch % config.VAL_EVERY == 0 or epoch == config.EPOCHS:
                 val = validate(model, splits.get("val") or splits["train"][:2], device)
-                entry.update(val)
-                keep = largest_component_decision(val)
-                score = val["score_largest_component"] if keep else val["score"]
+                keep, min_ml, score = postprocess_decision(val)
+                val.pop("overlap")
+                entry.update(val, score_cleaned=score, min_organ_ml=min_ml)
                 if score is not None and (best["score"] is None or score > best["score"]):
-                    best = {"score": score, "epoch": epoch, "largest_component": keep}
+                    best = {"score": score, "epoch": epoch, "largest_component": keep, "min_organ_ml": min_ml}
                     entry["best"] = True
             entry["epoch_time_s"] = time.time() - t0
             ckpt = {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                     "rng": _gather_rng(gen, world), "best": best, "settings": config.settings(),
                     "largest_component": best.get("largest_component", False),
+                    "min_organ_ml": best.get("min_organ_ml", {}),
                     "run": config.run_record(device)}
             # Order matters under kill -9: log line, best, then last. A resume restarts after the last whole
             # checkpoint_last.pth and drops later log lines, so every epoch is logged exactly once and

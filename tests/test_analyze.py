@@ -231,3 +231,18 @@ def test_table_from_csv_when_summary_missing_and_phantom_preview(tmp_path, monke
     assert re.search(r"\| prostate \| 2 \| 0 \| 1 \| 0 \| – \|", md)
     assert "| bladder | 3 | 0.720 ± 0.020 |" in md
     assert calls == [tmp_path / "data"] and "phantom_preview.png" in md
+
+
+def test_generalisation_section_reads_the_heldout_summary(tmp_path, monkeypatch):
+    import config
+    import analyze
+    monkeypatch.setattr(config, "EVAL_DIR", tmp_path / "eval")
+    assert "Not run" in "\n".join(analyze.section_generalisation(tmp_path))
+    held = tmp_path / "eval" / "heldout"
+    held.mkdir(parents=True)
+    organ = {"n_present": 3, "dice": {"mean": 0.8, "std": 0.1, "median": 0.82, "q1": 0.7, "q3": 0.9, "n": 3},
+             "detection": {"tp": 3, "fn": 0, "fp": 2, "tn": 1}, "false_organ_volumes_ml": [1.5, 76.8]}
+    (held / "summary_statistics.json").write_text(json.dumps(
+        {"n_cases": 6, "data_root": "x", "empty_cases": ["/a/chest.nii.gz"], "organs": {"bladder": organ}}))
+    text = "\n".join(analyze.section_generalisation(tmp_path))
+    assert "chest.nii.gz" in text and "76.8" in text and "0.800 ± 0.100" in text

@@ -64,3 +64,29 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         evaluate.evaluate(tmp_path / "nothing.pth")
+
+
+def test_any_labelled_folder_and_empty_cts_without_splits(tmp_path, tiny_checkpoint):  # noqa: F811
+    """--data-root scores every case of a folder (no preprocessing, no splits.json); --empty CTs count every
+    predicted voxel as a false organ and never carry a Dice."""
+    import evaluate
+
+    config.AMP = False
+    root = tmp_path / "other"
+    write_case(root, "BDMAP_00000007", "LAS", with_prostate=True)
+    write_case(root, "BDMAP_00000008", "RAS", with_prostate=False)
+    chest = write_ct(tmp_path / "chest.nii.gz", "LPS", shape=(17, 15, 13))
+    config.PROCESSED_DIR = tmp_path / "no_processed"  # must not be needed
+    out = tmp_path / "heldout"
+    assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data-root", str(root), "--empty", str(chest),
+                          "--out", str(out), "--no-plots"]) is None
+    summary = json.loads((out / "summary_statistics.json").read_text())
+    assert summary["n_cases"] == 3 and summary["organs"]["bladder"]["n_present"] == 2
+    with open(out / "metrics_per_case.csv") as fh:
+        rows = {r["case_id"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"BDMAP_00000007", "BDMAP_00000008", "chest"}
+    for organ in config.ORGANS:
+        assert rows["chest"][f"status_{organ}"] in ("correctly_absent", "false_organ")
+        assert rows["chest"][f"dice_{organ}"] == ""
+    with pytest.raises(SystemExit, match="nowhere: data root not found"):
+        evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data-root", str(tmp_path / "nowhere")])

@@ -36,7 +36,7 @@ def eroded(mask, iterations=1):
 @pytest.fixture(scope="module")
 def male():
     return case(11, sex="male", fov="pelvis", cut="none", orientation="LPS", iv_contrast=False,
-                bladder_contrast=False)
+                bladder_contrast=False, blur=1.0, sharpen=0.0, hu_offset=0.0)  # literature HU, standard kernel
 
 
 def test_dataset_layout_labels_and_idempotence(tmp_path):
@@ -91,7 +91,9 @@ def test_tissue_hu(male):
     prostate = eroded(arr(male["masks"]["prostate"]) > 0)
     assert 20 <= np.median(ct[prostate]) <= 60
     femur = arr(male["masks"]["femur_left"]) > 0
-    assert 600 <= np.percentile(ct[femur], 95) <= 1300  # cortical shell
+    cortical = male["meta"]["hu_means"]["cortical"]  # this case's draw from the literature range
+    assert 700 <= cortical <= 1200
+    assert 0.55 * cortical <= np.percentile(ct[femur], 95) <= 1.1 * cortical  # a 2 mm shell in 3-4 mm voxels
     assert 100 <= np.median(ct[eroded(femur, 2)]) <= 400  # trabecular core / marrow
     # Air: the grid corners lie outside the (elliptic) body.
     ends = (slice(0, 3), slice(-3, None))
@@ -131,8 +133,9 @@ def test_organ_volumes_in_stated_ranges_and_masks_do_not_overlap():
     for seed in range(6):
         c = case(100 + seed, sex="male", fov="pelvis", cut="none")
         vol = c["meta"]["volumes_ml"]
-        assert 15 <= vol["prostate"] <= 80, (seed, vol)
-        assert 5 <= vol["bladder"] <= 620, (seed, vol)
+        lo, hi = phantom.STYLES["train"]["prostate_ml"]
+        assert 0.7 * lo <= vol["prostate"] <= 1.1 * hi, (seed, vol)  # the drawn volume, less bone and voxelisation
+        assert 5 <= vol["bladder"] <= 1.1 * phantom.STYLES["train"]["bladder_ml"][1], (seed, vol)
         assert vol["rectum"] > 5, (seed, vol)
         stack = sum(arr(c["masks"][n]).astype(int) for n in ORGAN_NAMES)
         assert stack.max() <= 1  # prostate, bladder and rectum never share a voxel
@@ -167,3 +170,41 @@ def test_bad_input_is_a_clear_error():
         phantom.make_case(0, grid="huge")
     with pytest.raises(ValueError, match="unknown"):
         phantom.make_case(0, colour="blue")
+
+
+def test_true_status_of_every_field_of_view():
+    """meta["status"]: what evaluation compares the predicted status with."""
+    male = case(8, fov="pelvis", sex="male", cut="none")["meta"]["status"]
+    assert set(male.values()) <= {"present", "partially_imaged"} and male["prostate"] == "present"
+    female = case(8, fov="pelvis", sex="female", cut="none")["meta"]["status"]
+    assert female["prostate"] == "absent" and female["bladder"] in ("present", "partially_imaged")
+    for fov in ("abdomen", "chest"):
+        meta = case(8, fov=fov, sex="female")["meta"]
+        assert meta["status"] == {o: "not_imaged" for o in config.ORGANS}, fov
+        assert meta["z_extent_mm"][0] > meta["femoral_head_z_mm"]
+
+
+def test_chest_has_lungs_heart_and_no_pelvic_organ():
+    c = case(9, fov="chest", iv_contrast=True)
+    ct = arr(nib.as_closest_canonical(c["ct"]))
+    assert (ct < -700).mean() > 0.1 and ((ct > -900) & (ct < -700)).sum() > 1000  # aerated lung, not just air
+    assert (ct > 150).sum() * np.prod(COARSE) / 1000 > 100  # > 100 mL of bright heart, bone and aorta
+    assert all(c["meta"]["volumes_ml"][o] == 0 for o in ORGAN_NAMES)
+
+
+def test_held_out_style_differs_from_training_and_is_recorded(tmp_path):
+    train, ood = phantom.STYLES["train"], phantom.STYLES["ood"]
+    tr_lo, tr_hi = train["scale"][0]
+    assert all(hi <= tr_lo or lo >= tr_hi for lo, hi in ood["scale"])  # body sizes training never draws
+    assert min(ood["noise_sd"]) >= max(train["noise_sd"])
+    assert train["p_median_lobe"] == 0 and ood["p_median_lobe"] > 0
+    a = phantom.make_case(5, "demo", "train", spacing=COARSE, fov="pelvis", sex="male")
+    b = phantom.make_case(5, "demo", "ood", spacing=COARSE, fov="pelvis", sex="male")
+    assert a["meta"]["style"] == "train" and b["meta"]["style"] == "ood"
+    assert not np.array_equal(arr(a["masks"]["rectum"]), arr(b["masks"]["rectum"]))
+    phantom.generate_dataset(tmp_path, n_cases=1, seed=3, workers=1, style="ood")
+    assert json.loads((tmp_path / "phantom.json").read_text())["style"] == "ood"
+    with pytest.raises(ValueError, match="style"):
+        phantom.generate_dataset(tmp_path, n_cases=1, seed=3, workers=1, style="train")
+    with pytest.raises(ValueError, match="style"):
+        phantom.make_case(1, "demo", "nonsense")

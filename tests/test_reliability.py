@@ -541,3 +541,166 @@ def test_training_killed_then_resumed_to_the_end(tmp_path):
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best_model.pth", "checkpoint_last.pth"]
     log = [json.loads(l) for l in (tmp_path / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log] == list(range(1, epochs + 1))  # nothing lost, nothing twice
+
+
+# --- DICOM input (issue #17): each bad series or structure set is one line naming the folder or file ---------
+
+def _dicom_helpers():
+    """tests/test_dicom_io.py's hand-made DICOM writers (imported late: that module skips without pydicom)."""
+    pytest.importorskip("pydicom")
+    import test_dicom_io
+    return test_dicom_io
+
+
+def _bad_series(kind, root):
+    """(folder or file the error must name, what to call) for one kind of bad DICOM input."""
+    import dicom_io
+    t = _dicom_helpers()
+    folder = root / kind
+    vol = t.test_volume((12, 10, 6))
+    if kind == "missing_slice":
+        paths = t.write_slices(folder, vol)
+        paths[3].unlink()
+    elif kind == "gantry_tilt":  # positions step along z while the slices are tilted 15 degrees
+        c, s = np.cos(np.radians(15)), np.sin(np.radians(15))
+        t.write_slices(folder, vol, iop=(1, 0, 0, 0, c, s))
+        for p in folder.iterdir():
+            import pydicom
+            ds = pydicom.dcmread(str(p))
+            ds.ImagePositionPatient = [ds.ImagePositionPatient[0], -30.0, float(ds.InstanceNumber) * 2.5]
+            ds.save_as(str(p))
+    elif kind == "non_orthogonal":
+        t.write_slices(folder, vol, iop=(1, 0, 0, 0.3, 1, 0))
+    elif kind == "mixed_sizes":
+        uids = dict(study="1.2.3", series="1.2.3.4", frame="1.2.3.5")
+        t.write_slices(folder, vol, uids=uids)
+        t.write_slices(folder, t.test_volume((12, 9, 1)), origin=(-20.0, -30.0, 80.0), seed=3, uids=uids)
+    elif kind == "mixed_orientations":
+        uids = dict(study="1.2.3", series="1.2.3.4", frame="1.2.3.5")
+        t.write_slices(folder, vol, uids=uids)
+        t.write_slices(folder, t.test_volume((12, 10, 1)), iop=t.CORONAL, uids=uids, seed=4)
+    elif kind == "duplicate_position":
+        paths = t.write_slices(folder, vol)
+        shutil.copy(paths[2], folder / "copy_of_slice")
+        import pydicom
+        ds = pydicom.dcmread(str(folder / "copy_of_slice"))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+        ds.save_as(str(folder / "copy_of_slice"))
+    elif kind == "single_slice":
+        t.write_slices(folder, t.test_volume((12, 10, 1)))
+    elif kind == "non_ct_modality":
+        t.write_slices(folder, vol, modality="MR")
+    elif kind == "two_ct_series":
+        t.write_slices(folder, vol, seed=1)
+        t.write_slices(folder, vol, seed=2)
+    elif kind == "unreadable_file":
+        t.write_slices(folder, vol)
+        (folder / "IM_broken.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10")
+        return folder / "IM_broken.dcm", lambda: dicom_io.read_ct_series(folder)
+    elif kind == "truncated_pixels":
+        paths = t.write_slices(folder, vol)
+        paths[2].write_bytes(paths[2].read_bytes()[:-100])
+        return paths[2], lambda: dicom_io.read_ct_series(folder)
+    elif kind == "empty_folder":
+        folder.mkdir(parents=True)
+        (folder / "readme.txt").write_text("nothing here")
+    return folder, lambda: dicom_io.read_ct_series(folder)
+
+
+DICOM_SERIES_KINDS = {
+    "missing_slice": "uneven slice spacing", "gantry_tilt": "gantry tilt", "non_orthogonal": "non-orthogonal",
+    "mixed_sizes": "mixed slice sizes", "mixed_orientations": "mixed slice orientations",
+    "duplicate_position": "same position", "single_slice": "only one CT slice", "non_ct_modality": "no CT series",
+    "two_ct_series": "2 CT series", "unreadable_file": "unreadable DICOM file", "truncated_pixels": "pixel data",
+    "empty_folder": "no DICOM files"}
+
+
+@pytest.mark.parametrize("kind", sorted(DICOM_SERIES_KINDS))
+def test_bad_dicom_series_is_one_line_naming_it(tmp_path, kind):
+    import dicom_io
+    where, call = _bad_series(kind, tmp_path)
+    with pytest.raises(dicom_io.DicomError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(where)), message
+    assert DICOM_SERIES_KINDS[kind] in message, message
+
+
+def _series_with_rtstruct(root, contours_z=(50.0,), frame_uid=None):
+    t = _dicom_helpers()
+    import dicom_io
+    t.write_slices(root / "CT", t.test_volume((12, 10, 6)))
+    img, info = dicom_io.read_ct_series(root / "CT")
+    contours = [np.array([[-18.0, -28.0, z], [-14.0, -28.0, z], [-14.0, -24.0, z]]) for z in contours_z]
+    path = t.make_rtstruct(root / "RS.dcm", info, {"Bladder": contours}, frame_uid=frame_uid)
+    return img, info, path
+
+
+@pytest.mark.parametrize("kind", ["plane_between_slices", "plane_outside_series", "frame_of_reference",
+                                  "not_an_rtstruct", "unreadable_rtstruct"])
+def test_bad_rtstruct_is_one_line_naming_the_file(tmp_path, kind):
+    import dicom_io
+    z = {"plane_between_slices": (51.25,), "plane_outside_series": (250.0,)}.get(kind, (50.0,))
+    img, info, path = _series_with_rtstruct(tmp_path, z, frame_uid="9.9.9" if kind == "frame_of_reference" else None)
+    if kind == "not_an_rtstruct":
+        path = Path(info.files[0])
+    if kind == "unreadable_rtstruct":
+        path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(dicom_io.DicomError) as err:
+        rs = dicom_io.read_rtstruct(path)
+        dicom_io.check_frame_of_reference(rs, info)
+        dicom_io.rasterise(rs.roi("Bladder"), img, info.frame_of_reference_uid)
+    message = str(err.value)
+    expect = {"plane_between_slices": "matches no CT slice", "plane_outside_series": "matches no CT slice",
+              "frame_of_reference": "Frame of Reference", "not_an_rtstruct": "not an RT Structure Set",
+              "unreadable_rtstruct": "truncated"}[kind]
+    assert "\n" not in message and message.startswith(str(path)) and expect in message, message
+
+
+def test_convert_dicom_batch_goes_on_past_bad_patients_on_the_command_line(tmp_path):
+    """Good patient, RTSTRUCT without CT, missing slice, foreign frame of reference, CT without RTSTRUCT, two
+    RTSTRUCTs: one converted case, five one-line failures, no traceback, exit code 1."""
+    t = _dicom_helpers()
+    root = tmp_path / "dicom"
+    t.planning_export(root / "good")
+    (root / "rs_only").mkdir(parents=True)
+    shutil.copy(root / "good" / "RS" / "RS.dcm", root / "rs_only" / "RS.dcm")
+    t.planning_export(root / "gap2")
+    import pydicom
+    order = sorted((root / "gap2" / "CT").iterdir(),  # file names are shuffled: sort by position
+                   key=lambda p: float(pydicom.dcmread(str(p), stop_before_pixels=True).ImagePositionPatient[2]))
+    order[3].unlink()  # a slice in the middle: a gap
+    t.planning_export(root / "foreign", frame_uid="1.2.3.999")
+    t.planning_export(root / "no_rs")
+    shutil.rmtree(root / "no_rs" / "RS")
+    t.planning_export(root / "two_rs")
+    shutil.copy(root / "two_rs" / "RS" / "RS.dcm", root / "two_rs" / "RS2.dcm")
+    proc = subprocess.run([sys.executable, "convert_dicom.py", str(root), "-o", str(tmp_path / "data")], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    failed = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(failed) == 5 and all(l.startswith("failed: ") for l in failed), proc.stderr
+    for name, words in (("foreign", "Frame of Reference"), ("gap2", "uneven slice spacing"),
+                        ("no_rs", "no RTSTRUCT"), ("rs_only", "RTSTRUCT without CT"), ("two_rs", "2 RTSTRUCT")):
+        assert any(f"/{name}" in l and words in l for l in failed), (name, failed)
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["BDMAP_good"]
+    assert "1 converted, 5 failed" in proc.stdout
+
+
+def test_dicom_without_pydicom_says_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['pydicom'] = None\n"
+            "import dicom_io\n"
+            "try:\n    dicom_io.read_ct_series(sys.argv[1])\n"
+            "except dicom_io.DicomError as e:\n    print(e)\n")
+    (tmp_path / "ct").mkdir()
+    (tmp_path / "ct" / "IM1").write_bytes(b"\x00" * 128 + b"DICM")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ct")], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip().endswith("pip install -r requirements-dicom.txt"), proc.stdout + proc.stderr
+    save(good_volume()[0], tmp_path / "ct.nii.gz")  # the NIfTI path works without pydicom and never loads dicom_io
+    code = ("import sys; sys.modules['pydicom'] = None\n"
+            "import preprocessing, predict\n"
+            "print('dicom_io' in sys.modules, preprocessing.load_ct(sys.argv[1]).shape)\n")
+    check = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ct.nii.gz")], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=60)
+    assert check.stdout.strip() == f"False {SHAPE}", check.stderr[-1000:]

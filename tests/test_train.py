@@ -150,3 +150,29 @@ def test_torchrun_two_processes_gloo(processed, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best_model.pth", "checkpoint_last.pth"]
     assert len((tmp_path / "logs" / "train_log.jsonl").read_text().splitlines()) == 1
+
+
+def test_presence_rule_removes_false_organs_smaller_than_true_ones():
+    import train
+    # (reference voxels, predicted voxels, overlap): two true organs, two small false ones, one large false one
+    overlaps = [(100, 90, 80), (50, 60, 45), (0, 5, 0), (0, 12, 0), (0, 0, 0)]
+    ml, score = train.presence_decision(overlaps, voxel_ml=1.0)
+    assert 12 < ml < 60 and ml == pytest.approx((12 * 60) ** 0.5)  # between the largest false and smallest true
+    assert score == pytest.approx(np.mean([160 / 190, 90 / 110]))
+    assert train._organ_score(overlaps, 0) < score  # keeping them scored worse (false organs count 0)
+    # nothing to remove: the cut stays 0 (keep every voxel)
+    assert train.presence_decision([(100, 90, 80), (0, 0, 0)], 1.0)[0] == 0.0
+    # a cut that would delete a true organ is never taken when it lowers the score
+    assert train.presence_decision([(100, 4, 4), (0, 30, 0)], 1.0)[0] == 0.0
+    # organ in no reference: removing its false predictions wins
+    assert train.presence_decision([(0, 7, 0), (0, 0, 0)], 0.5)[0] > 3.5
+
+
+def test_drop_small_organs_applies_the_rule():
+    import inference
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[:2, :2, :2] = 1  # 8 voxels of prostate
+    labels[5:, 5:, 5:] = 2  # 125 voxels of bladder
+    out = inference.drop_small_organs(labels, {"prostate": 10.0, "bladder": 10.0}, voxel_ml=1.0)
+    assert (out == 1).sum() == 0 and (out == 2).sum() == 125
+    assert np.array_equal(inference.drop_small_organs(labels, {}, 1.0), labels)
