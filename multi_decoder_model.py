@@ -5,7 +5,7 @@ Usage:
     from multi_decoder_model import MultiDecoderUNet, build_model_from_config
 
 Shape legend: B batch, C channels, X Y Z spatial axes in canonical RAS order [x, y, z], K organs
-(config.ORGANS order), H attention heads, D channels per head, N = B*X*Y*Z voxels as tokens batch.
+(config.ORGANS order), H attention heads, D channels per head, M attention tokens (positions) per organ.
 
 Output: raw logits (B, K, X, Y, Z). Background has an implicit logit 0 (see CONTRACT: softmax over
 [0, l_1..l_K]), so organs are mutually exclusive downstream without a background head.
@@ -25,7 +25,7 @@ Design notes (measured on the 2-core AMD EPYC AVX2 dev box, fp32, see bench.py):
 - Decoders add the skip (after projecting the upsampled path to the skip width) instead of concatenating.
   Full resolution holds 7/8 of the voxels, so that is where FLOPs are saved: the finest decoder level is
   pointwise (FineLevel: no 3x3x3 conv), level 1 has one 3x3x3 conv, coarser levels a residual pair (cheap,
-  most parameters). Cross-decoder attention runs at the two coarsest decoder levels only.
+  most parameters). Cross-decoder attention runs at the coarsest decoder level only (CrossOrganAttention).
   Train step at 64^3, base 8, depth 5, 2 threads (`python bench.py`): 0.72 s with a 3x3x3 conv + norm in every
   organ's finest level, a residual encoder stem and attention at levels 1..3 (~0.05 s of it the benchmark's own
   target argmax, since removed) -> 0.415 s with this layout, 5.5x the reference.
@@ -42,9 +42,11 @@ import config
 
 NEG_SLOPE = 0.01  # LeakyReLU slope
 GROUP_SIZE = 4  # channels per GroupNorm group (8 channels -> 2 groups)
-HEAD_DIM = 8  # channels per attention head
 SINGLE_CONV_LEVELS = 2  # decoder level 1 uses one 3x3x3 conv, coarser ones a residual pair (level 0: FineLevel)
-ATTENTION_LEVELS = 2  # cross-decoder attention at the two coarsest decoder levels (depth-3, depth-2; >= 1)
+ATTENTION_LEVELS = 1  # spatial cross-decoder attention at the coarsest decoder level (depth-2; never level 0)
+HEAD_DIM = 16  # channels per attention head
+POOL = 2  # attention tokens: the attention level average-pooled by this per axis (= the bottleneck grid)
+ROPE_WAVELENGTHS = (3.0, 16.0)  # rotary position encoding per axis, in pooled voxels; the first HEAD_DIM // 6 used
 
 
 ONEDNN_MAX_BCXY = 20480  # PyTorch's CPU heuristic: batch-1 fp32 convs with B*C*X*Y <= this use native conv3d
@@ -209,55 +211,112 @@ class OrganDecoder(nn.Module):
         self.head = nn.Conv3d(widths[0], 1, 1)
 
 
+def rope_tables(shape, head_dim, heads, device):
+    """cos, sin (X*Y*Z, H*D) of 3D rotary position encoding (RoPE) on a grid of `shape`, positions in its
+    voxels, and the (H*D, H*D) matrix R with t @ R = "rotate half" of every head's first 6P channels, so that
+    RoPE(t) = t * cos + (t @ R) * sin. Per head, P = D // 6 frequencies per axis (ROPE_WAVELENGTHS[:P]):
+    channels [a_i | b_i] (i < 3P, axis-major: x's P, then y's, z's) rotate by the angle of pair i; the
+    remaining D - 6P channels have cos 1, sin 0 (content only). Only relative offsets survive q . k, so nothing
+    depends on the absolute grid size."""
+    p = min(head_dim // 6, len(ROPE_WAVELENGTHS))
+    axes = [torch.arange(n, device=device, dtype=torch.float32) for n in shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)  # (N, 3) voxel positions
+    freqs = 2 * math.pi / torch.tensor(ROPE_WAVELENGTHS[:p], device=device, dtype=torch.float32)  # (P,)
+    angles = (grid[:, :, None] * freqs).reshape(-1, 3 * p)  # (N, 3P)
+    rest = head_dim - 6 * p
+    ones, zeros = angles.new_ones(len(angles), rest), angles.new_zeros(len(angles), rest)
+    cos = torch.cat([angles.cos(), angles.cos(), ones], 1).repeat(1, heads)  # (N, H*D)
+    sin = torch.cat([angles.sin(), angles.sin(), zeros], 1).repeat(1, heads)  # (N, H*D)
+    half = torch.zeros(head_dim, head_dim, device=device)
+    i = torch.arange(3 * p, device=device)
+    half[i + 3 * p, i] = -1.0  # output a_i takes -b_i
+    half[i, i + 3 * p] = 1.0  # output b_i takes a_i
+    return cos, sin, torch.block_diag(*[half] * heads)
+
+
 class CrossOrganAttention(nn.Module):
-    """Per-voxel attention across organ decoders: at every voxel each organ's feature vector (a token)
-    attends to the other organs' tokens at that voxel, so the mixing differs from voxel to voxel
-    (a bladder voxel can take from the prostate decoder what a rectum voxel does not).
+    """Spatial cross-decoder attention at the coarsest decoder level (ATTENTION_LEVELS): every organ's tokens
+    attend over the OTHER organs' tokens at all positions of the window, so the prostate decoder can ask where
+    bladder and rectum are, and whether they are there at all.
 
-    Tokens: K per voxel, C channels each, H = C / HEAD_DIM heads. Projections are per organ (block-diagonal
-    weights applied as one dense matmul over the K*C channels, faster on CPU than K small ones).
-    Residual: out_k = x_k + W_o,k [softmax_{l != k}(q_k . k_l / sqrt(D)) v_l]; with attention off the module
-    is skipped (identity).
+    Tokens: each organ's features 2x2x2 average-pooled (POOL; the level's dims are always even, see check_size),
+    i.e. on the bottleneck's grid, M = X*Y*Z/8 per organ, C channels, H = C / HEAD_DIM heads. Organ k's M queries
+    attend over the (K-1)*M keys of the other organs (full attention, torch's scaled_dot_product_attention over
+    B*K query organs x H heads). Positions enter through 3D rotary encoding (RoPE) on q and k in units of the
+    pooled voxels (24 mm in both profiles: 3 mm x 8 at depth 4, 1.5 mm x 16 at depth 5), so the scores depend on
+    relative offsets only and no weight depends on the grid size. Per-organ projections (weights (K, C, 3C) and
+    (K, C, C), one batched matmul over organs); pre-norm (LayerNorm per token, no affine: the projections
+    absorb it). The result is upsampled x2 (nearest) and added: out_k = x_k + up(W_o,k attn(q_k, others)).
+    W_o starts at ZERO, so at initialisation the net equals the attention-off net and the attention grows in
+    only where it lowers the loss. With attention off the module is skipped (identity).
 
-    Cost per voxel (K organs, C channels): projections 2*(K*C)*(4*K*C) FLOPs (block-diagonal done dense,
-    3x waste for K=3, still tiny), scores+mixing 4*K*K*C, i.e. ~8*K^2*C^2 = 18 kFLOP at C=16, K=3 -- about a
-    third of one 3x3x3 16->16 conv per organ. Memory: ~6*K*C activations kept per voxel for backward
-    (qkv, attention weights, mixed values), applied only at the two coarsest decoder levels (ATTENTION_LEVELS;
-    1/64 and 1/512 of the voxels at depth 5, 1/8 and 1/64 at depth 4).
+    Context at inference: one sliding window = config.PATCH_SIZE, the same extent as a training patch (both
+    come from that one setting), so the tokens see as far at inference as in training, and never beyond the
+    window.
+
+    Cost (K organs, C channels, M pooled positions), forward: pooling, norm, upsampling and the residual add
+    O(K*C) per level voxel; projections 2*K*M*C*6C (q, k, v, their RoPE halves, out); scores + mixing
+    4*K*M*(K-1)*M*C. 48^3 patch, depth 4 (level 2: 12^3 -> M 216, C 32), batch 2: 0.09 GFLOP, 1.8 % of the
+    conv forward (4.9 GFLOP); 128^3, depth 5 (level 3: 16^3 -> M 512, C 64), batch 1: 0.48 GFLOP, 0.9 % of
+    53 GFLOP. Memory kept for backward (measured with saved-tensor hooks, fp32): the pooled tokens, q/k/v,
+    the SDPA output and log-sum-exp (no M x M score matrix: the fused kernel recomputes it) and the
+    upsampled result: 0.86 MB per patch at 48^3/depth 4, 4.5 MB at 128^3/depth 5.
+    Measured train step, attention on vs off: see the README's model section.
     """
 
     def __init__(self, n_organs, channels):
         super().__init__()
         self.k, self.c = n_organs, channels
-        self.heads = max(1, channels // HEAD_DIM)
-        self.qkv = nn.Parameter(torch.empty(n_organs, 3 * channels, channels))  # per organ (3C, C)
-        self.out = nn.Parameter(torch.empty(n_organs, channels, channels))  # per organ (C, C)
-        for w in (self.qkv, self.out):
-            for k in range(n_organs):
-                nn.init.kaiming_uniform_(w[k], a=math.sqrt(5))  # nn.Linear's default
+        self.heads = channels // HEAD_DIM if channels % HEAD_DIM == 0 else 1
+        self.qkv = nn.Parameter(torch.empty(n_organs, channels, 3 * channels))  # per organ (C, 3C): q | k | v
+        self.out = nn.Parameter(torch.zeros(n_organs, channels, channels))  # per organ (C, C), zero at init
+        for k in range(n_organs):
+            nn.init.kaiming_uniform_(self.qkv.data[k].T, a=math.sqrt(5))  # nn.Linear's default, fan_in C
+        self._rope = {}  # (grid, device, dtype) -> RoPE tables; constants, so not in the state_dict
+
+    def rope(self, grid, device, dtype):
+        """cos, sin (M, 2C) and rotation (2C, 2C) for q | k side by side, cached per grid, device and dtype
+        (autocast makes the projection bf16 while the weights stay fp32); None when a head is narrower than 6."""
+        key = (tuple(grid), str(device), dtype)
+        if key not in self._rope:
+            d = self.c // self.heads
+            tables = rope_tables(grid, d, 2 * self.heads, device) if d >= 6 else None  # q's heads, then k's
+            self._rope[key] = tuple(t.to(dtype) for t in tables) if tables else None
+        return self._rope[key]
 
     def forward(self, feats):
-        """feats (B, K*C, X, Y, Z), organ blocks of C channels in organ order -> same shape."""
+        """feats (B, K*C, X, Y, Z), organ blocks of C channels in organ order, X, Y, Z even -> same shape."""
         k, c, h = self.k, self.c, self.heads
         if k < 2:
             return feats
-        b, _, x, y, z = feats.shape
-        tokens = feats.permute(0, 2, 3, 4, 1).reshape(-1, k * c)  # (N, K*C), free in channels-last
-        qkv = tokens @ torch.block_diag(*self.qkv).t()  # (N, K*3C)
-        qkv = qkv.view(-1, k, 3, h, c // h)  # (N, K, 3, H, D)
-        q, key, v = qkv.unbind(2)  # each (N, K, H, D)
-        scores = (q.unsqueeze(2) * key.unsqueeze(1)).sum(-1) / math.sqrt(c // h)  # (N, Kq, Kk, H)
-        eye = torch.eye(k, dtype=torch.bool, device=scores.device).view(1, k, k, 1)
-        attn = scores.masked_fill(eye, float("-inf")).softmax(dim=2)  # other organs only, (N, Kq, Kk, H)
-        mixed = (attn.unsqueeze(-1) * v.unsqueeze(1)).sum(2)  # (N, Kq, H, D)
-        mixed = mixed.reshape(-1, k * c) @ torch.block_diag(*self.out).t()  # (N, K*C)
-        out = tokens + mixed.to(tokens.dtype)  # residual
-        return out.view(b, x, y, z, k * c).permute(0, 4, 1, 2, 3)  # (B, K*C, X, Y, Z), channels-last strides
+        b = feats.shape[0]
+        pooled = F.avg_pool3d(feats, POOL)  # (B, K*C, X', Y', Z') = the bottleneck grid
+        grid = pooled.shape[2:]
+        tokens = F.layer_norm(pooled.permute(0, 2, 3, 4, 1).reshape(b, -1, k, c), (c,))  # (B, M, K, C)
+        weight, rope = self.qkv, self.rope(grid, feats.device, self.qkv.dtype) is not None
+        if rope:  # rotary position encoding qk * cos + rotate_half(qk) * sin; rotate_half is folded into the
+            rot = self.rope(grid, feats.device, weight.dtype)[2]  # projection (W_qk @ rot): one matmul for all
+            weight = torch.cat([weight, weight[..., :2 * c] @ rot], -1)  # (K, C, 5C)
+        qkv = torch.einsum("bmkc,kcd->bkmd", tokens, weight)  # (B, K, M, 3C or 5C)
+        qk, v = qkv[..., :2 * c], qkv[..., 2 * c:3 * c]  # (B, K, M, 2C), (B, K, M, C)
+        if rope:
+            cos, sin, _ = self.rope(grid, feats.device, qkv.dtype)  # (M, 2C) each
+            qk = qk * cos + qkv[..., 3 * c:] * sin  # (B, K, M, 2C)
+        kv = torch.cat([qk[..., c:], v], -1)  # (B, K, M, 2C)
+        # organ j's keys/values: the other organs', concatenated along the token axis (j+1, j+2, ... mod K)
+        kv = torch.cat([kv.roll(-s, 1) for s in range(1, k)], 2)  # (B, K, (K-1)*M, 2C)
+        heads = lambda t: t.reshape(b * k, t.shape[2], h, c // h).transpose(1, 2)  # (B*K, H, tokens, D)
+        mixed = F.scaled_dot_product_attention(heads(qk[..., :c]), heads(kv[..., :c]), heads(kv[..., c:]))
+        mixed = mixed.transpose(1, 2).reshape(b, k, -1, c)  # (B, K, M, C) from (B*K, H, M, D)
+        delta = torch.einsum("bkmc,kcd->bmkd", mixed, self.out)  # (B, M, K, C)
+        delta = delta.reshape(b, *grid, k * c).permute(0, 4, 1, 2, 3)  # (B, K*C, X', Y', Z')
+        up = F.interpolate(delta.to(feats.dtype), scale_factor=POOL, mode="nearest")  # (B, K*C, X, Y, Z)
+        return feats + up  # residual
 
 
 class MultiDecoderUNet(nn.Module):
-    """Shared residual encoder -> K organ decoders (ModuleDict by organ) with cross-organ attention at
-    the ATTENTION_LEVELS coarsest decoder levels -> K logit maps. Input (B, in_channels, X, Y, Z), each of X, Y, Z
+    """Shared residual encoder -> K organ decoders (ModuleDict by organ) with spatial cross-organ attention at
+    the ATTENTION_LEVELS coarsest decoder level(s) -> K logit maps. Input (B, in_channels, X, Y, Z), each of X, Y, Z
     divisible by 2**(depth-1)."""
 
     def __init__(self, organs=None, in_channels=1, base_channels=8, depth=5, attention=True, checkpointing=False):

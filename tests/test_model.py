@@ -1,9 +1,10 @@
 """Tests for multi_decoder_model.py: shapes, parameter counts, gradients, ablation switch, errors, AMP,
-checkpointing, config round trip. Tiny widths and odd-but-legal sizes; CPU, 2 threads."""
+checkpointing, config round trip, what the spatial cross-decoder attention mixes. Tiny widths and
+odd-but-legal sizes; CPU, 2 threads."""
 import pytest
 import torch
 
-from multi_decoder_model import MultiDecoderUNet, count_parameters
+from multi_decoder_model import CrossOrganAttention, MultiDecoderUNet, count_parameters
 
 torch.set_num_threads(2)
 ORGANS = ("prostate", "bladder", "rectum")
@@ -16,9 +17,19 @@ def tiny(**kw):
     return MultiDecoderUNet(**args)
 
 
-@pytest.mark.parametrize("size", [(16, 32, 48), (48, 16, 32), (8, 8, 8)])
-def test_output_shape_odd_sizes(size):
-    model = tiny().eval()
+def trained_attention(model, std=0.1):
+    """Give the zero-initialised attention output projections random weights, as after some training."""
+    torch.manual_seed(1)
+    for att in model.cross_attention.values():
+        torch.nn.init.normal_(att.out, std=std)
+    return model
+
+
+@pytest.mark.parametrize("depth, size", [(4, (16, 32, 48)), (4, (48, 16, 32)), (4, (8, 8, 8)), (4, (8, 24, 40)),
+                                         (5, (16, 48, 80)), (5, (16, 16, 16)), (3, (4, 12, 20)), (2, (2, 6, 10))])
+def test_output_shape_odd_sizes(depth, size):
+    """Every dim an odd multiple of 2**(depth-1) (the smallest legal sizes included), attention on."""
+    model = trained_attention(tiny(depth=depth)).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 1, *size))
     assert out.shape == (2, 3, *size)
@@ -38,13 +49,17 @@ def test_output_shape_channels_last():
 def test_parameter_counts_default_depth():
     n8 = count_parameters(MultiDecoderUNet(organs=ORGANS, base_channels=8, depth=5))
     n32 = count_parameters(MultiDecoderUNet(organs=ORGANS, base_channels=32, depth=5))
-    assert n8 == 3_003_435
-    assert n32 == 48_008_355
+    assert n8 == 2_991_147
+    assert n32 == 47_811_747
     assert 2e6 <= n8 <= 4e6 and 30e6 <= n32 <= 60e6
+    # the attention: per organ (C, 3C) + (C, C) at the coarsest decoder level only (C = 64 at base 8, depth 5)
+    model = MultiDecoderUNet(organs=ORGANS, base_channels=8, depth=5)
+    assert count_parameters(model.cross_attention) == 3 * 4 * 64 * 64
+    assert count_parameters(MultiDecoderUNet(organs=ORGANS, base_channels=8, depth=4)) == 707_627  # CPU demo net
 
 
 def test_every_decoder_and_attention_gets_gradients():
-    model = tiny()
+    model = trained_attention(tiny())
     out = model(torch.randn(1, 1, 16, 16, 24))
     out.square().mean().backward()
     for organ in ORGANS:
@@ -56,8 +71,31 @@ def test_every_decoder_and_attention_gets_gradients():
     assert all(p.grad is not None for p in model.encoder.parameters())
 
 
+def test_zero_initialised_attention_equals_attention_off_and_can_grow():
+    """At initialisation the output projection is zero: attention on gives exactly the attention-off net, and
+    the projection gets a gradient (the q/k/v weights only once it is nonzero)."""
+    model = tiny()
+    x = torch.randn(1, 1, 16, 16, 24)
+    out = model(x)
+    model.attention = False
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    out.square().mean().backward()
+    for att in model.cross_attention.values():
+        assert att.out.grad.abs().sum() > 0
+        assert att.qkv.grad is not None
+
+
+def test_attention_off_uses_no_attention_parameters():
+    """With the switch off no attention weight is in the graph (train.py freezes them so DDP does not wait)."""
+    model = trained_attention(tiny(attention=False))
+    model(torch.randn(1, 1, 16, 16, 16)).square().mean().backward()
+    assert all(p.grad is None for p in model.cross_attention.parameters())
+    assert all(p.grad is not None for p in model.decoders.parameters())
+
+
 def test_attention_off_changes_output_same_weights():
-    model = tiny().eval()
+    model = trained_attention(tiny()).eval()
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         on = model(x)
@@ -160,11 +198,131 @@ def test_onednn_conv_routing_is_exact(shape):
     torch.testing.assert_close(fast.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("depth, levels", [(5, {"2", "3"}), (4, {"1", "2"}), (3, {"1"})])
-def test_attention_at_the_two_coarsest_decoder_levels(depth, levels):
+@pytest.mark.parametrize("depth, levels", [(5, {"3"}), (4, {"2"}), (3, {"1"}), (2, set())])
+def test_attention_at_the_coarsest_decoder_level(depth, levels):
     model = tiny(depth=depth)
     assert set(model.cross_attention) == levels
-    assert model.cross_attention[max(levels)].c == 4 * 2 ** int(max(levels))  # width of that level
+    for level in levels:
+        assert model.cross_attention[level].c == 4 * 2 ** int(level)  # width of that level
+
+
+def test_attention_is_called_once_per_forward_at_that_level():
+    model = trained_attention(tiny(depth=5))
+    seen = []
+    model.cross_attention["3"].register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    with torch.no_grad():
+        model(torch.randn(1, 1, 32, 16, 48))
+    assert seen == [(1, 3 * 4 * 8, 4, 2, 6)]  # decoder level 3: K*C channels, 1/8 of the input size
+
+
+def attention_module(c=16, seed=0):
+    torch.manual_seed(seed)
+    att = CrossOrganAttention(3, c).eval()
+    torch.nn.init.normal_(att.out, std=0.3)
+    return att
+
+
+def test_attention_mixes_across_positions_and_organs_not_within_an_organ():
+    """Perturb organ A's features at one voxel: organs B and C change at every position, far ones included
+    (across organs and positions); organ A's own output only in that voxel's pooling block, never elsewhere."""
+    att, c = attention_module(), 16
+    feats = torch.randn(1, 3 * c, 8, 8, 8)
+    bumped = feats.clone()
+    bumped[0, :c, 0, 0, 0] += 3.0 * torch.randn(c)  # organ 0 (prostate), one voxel in a corner (not a constant
+    # shift over channels: the per-token LayerNorm removes that)
+    with torch.no_grad():
+        change = (att(bumped) - att(feats)).abs().view(3, c, 8, 8, 8).sum(1)  # (K, X, Y, Z)
+    assert change[1, 7, 7, 7] > 1e-4 and change[2, 7, 7, 7] > 1e-4  # the opposite corner, other organs
+    assert (change[1] > 1e-6).all() and (change[2] > 1e-6).all()  # every position of organs 1 and 2
+    own = change[0] > 1e-6  # organ 0 does not attend to itself: only its query there (the voxel's 2x2x2
+    assert own[:2, :2, :2].all() and own.sum() == 8  # pooling block) and its residual change
+
+
+def test_attention_context_depends_on_relative_position_only():
+    """Rotary position encoding: organ 0's update depends on where organ 1 lies relative to it (a moved blob
+    changes it, where position-blind attention would see the same set of keys), but moving both by the same
+    offset only moves the update. Blobs on the 2x2x2 pooling blocks, zero features elsewhere."""
+    att, c = attention_module(), 16
+    torch.manual_seed(3)
+    a, b = torch.randn(c, 1, 1, 1), torch.randn(c, 1, 1, 1)
+
+    def scene(pa, pb):
+        f = torch.zeros(1, 3 * c, 12, 12, 12)
+        f[0, :c, pa[0]:pa[0] + 2, pa[1]:pa[1] + 2, pa[2]:pa[2] + 2] = a
+        f[0, c:2 * c, pb[0]:pb[0] + 2, pb[1]:pb[1] + 2, pb[2]:pb[2] + 2] = b
+        with torch.no_grad():
+            return att(f) - f  # the attention's update
+
+    near, far = scene((4, 4, 4), (6, 4, 4)), scene((4, 4, 4), (4, 4, 10))
+    assert (near[0, :c, 4, 4, 4] - far[0, :c, 4, 4, 4]).abs().max() > 1e-3
+    moved = scene((2, 4, 6), (4, 4, 6))  # the `near` pair, moved by (-2, 0, 2)
+    torch.testing.assert_close(moved[0, :, 2:10, :, 6:], near[0, :, 4:12, :, 4:10], rtol=1e-4, atol=1e-5)
+
+
+def test_attention_runs_on_any_even_grid():
+    """Nothing in the attention is sized for one grid: the same weights run on any even grid (the coarsest
+    decoder level of any legal input), down to a single pooled token per organ."""
+    att, c = attention_module(), 16
+    for shape in [(2, 2, 2), (4, 6, 10), (12, 8, 4)]:
+        with torch.no_grad():
+            out = att(torch.randn(2, 3 * c, *shape))
+        assert out.shape == (2, 3 * c, *shape) and torch.isfinite(out).all()
+
+
+def test_attention_channels_last_and_bf16():
+    att, c = attention_module(), 16
+    x = torch.randn(2, 3 * c, 8, 6, 4)
+    with torch.no_grad():
+        ref = att(x)
+        cl = att(x.to(memory_format=torch.channels_last_3d))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = att(x.bfloat16())
+    torch.testing.assert_close(cl, ref, rtol=1e-5, atol=1e-5)
+    assert cl.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_attention_matches_a_plain_reference():
+    """The fused path (batched per-organ projections, RoPE folded into the projection, rolled keys, SDPA)
+    against a straightforward loop over organs with explicit softmax and element-pair rotation."""
+    import math
+    import torch.nn.functional as F
+    from multi_decoder_model import HEAD_DIM, POOL, ROPE_WAVELENGTHS
+    att, c = attention_module(c=32), 32
+    x = torch.randn(1, 3 * c, 6, 4, 8)
+    with torch.no_grad():
+        fused = att(x)
+        h, d = c // HEAD_DIM, HEAD_DIM
+        p = d // 6
+        pooled = F.avg_pool3d(x, POOL)[0]  # (K*C, 3, 2, 4)
+        grid = torch.stack(torch.meshgrid(*[torch.arange(n) for n in pooled.shape[1:]], indexing="ij"), -1)
+        grid = grid.reshape(-1, 3).float()  # (M, 3)
+        angles = torch.cat([grid[:, a:a + 1] * 2 * math.pi / torch.tensor(ROPE_WAVELENGTHS[:p]) for a in range(3)], 1)
+
+        def rope(t):  # t (M, D): channel i pairs with channel i + 3P for i < 3P
+            t = t.clone()
+            first, second = t[:, :3 * p].clone(), t[:, 3 * p:6 * p].clone()
+            t[:, :3 * p] = first * angles.cos() - second * angles.sin()
+            t[:, 3 * p:6 * p] = first * angles.sin() + second * angles.cos()
+            return t
+
+        tok = [F.layer_norm(pooled[k * c:(k + 1) * c].reshape(c, -1).T, (c,)) for k in range(3)]  # (M, C) each
+        q = [tok[k] @ att.qkv[k, :, :c] for k in range(3)]
+        key = [tok[k] @ att.qkv[k, :, c:2 * c] for k in range(3)]
+        v = [tok[k] @ att.qkv[k, :, 2 * c:] for k in range(3)]
+        ref = x.clone()
+        for j in range(3):
+            others = [l for l in range(3) if l != j]
+            heads = []
+            for hh in range(h):
+                s = slice(hh * d, (hh + 1) * d)
+                qj = rope(q[j][:, s])
+                kk = torch.cat([rope(key[l][:, s]) for l in others])
+                vv = torch.cat([v[l][:, s] for l in others])
+                heads.append(torch.softmax(qj @ kk.T / math.sqrt(d), -1) @ vv)
+            delta = (torch.cat(heads, 1) @ att.out[j]).T.reshape(c, *pooled.shape[1:])
+            ref[0, j * c:(j + 1) * c] += delta.repeat_interleave(2, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_fine_level_is_pointwise_and_uses_the_skip():
