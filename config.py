@@ -85,7 +85,8 @@ FOREGROUND_FRACTION = 0.5  # share of patches centred on an organ voxel (organs 
 AUGMENT = True  # on-the-fly augmentation on/off
 AUGMENT_ON = "auto"  # where: "worker" (loader processes), "device" (training device after the copy), "auto" =
                     # device on CUDA, worker on the CPU (bench.py measures both)
-LOADER_WORKERS = 2  # background processes that cut (and augment) training patches; 0 = in the training process
+LOADER_WORKERS = 2  # background processes that cut (and augment) training patches; 0 = in the training process;
+                    # set by the profile
 VAL_EVERY = 5  # epochs between validations (sliding window over the whole val split)
 AMP = True  # bf16/fp16 autocast (bf16 on CPU)
 SEED = 42  # seeds splits, sampling, augmentation and weights
@@ -144,16 +145,20 @@ PROFILE = "auto"  # "auto" (gpu if CUDA else cpu), "cpu" or "gpu"
 PROFILES = {
     # What the user asked for on a < 8 GB GPU: 128^3 at batch 1, base 8, AMP.
     "gpu": dict(TARGET_SPACING=(1.5, 1.5, 1.5), PATCH_SIZE=(128, 128, 128), BATCH_SIZE=1, DEPTH=5,
-                EPOCHS=100, ITERS_PER_EPOCH=250, VAL_EVERY=5, SW_OVERLAP=0.5, SW_BATCH=2, AUGMENT=True),
+                EPOCHS=100, ITERS_PER_EPOCH=250, VAL_EVERY=5, SW_OVERLAP=0.5, SW_BATCH=2, AUGMENT=True,
+                LOADER_WORKERS=2),
     # A 2-core CPU demo that finishes `--all` in <= 10 minutes: coarse voxels, small patches.
     # Measured on the phantom (700 steps, same seed): without augmentation mean test Dice 0.848, with it 0.607;
     # augmentation pays off over long runs, not in a 10-minute demo.
     # Spatial cross-decoder attention on (as in every profile): `python ablation.py --seeds 0 1 2 --EPOCHS=10`
     # gave mean Dice 0.552 +- 0.085 with it vs 0.466 +- 0.007 without on the test split, 0.396 vs 0.355 on the
     # held-out set (higher on every seed there); see README.
+    # Loader workers off: on the 2 cores that also train, two workers made each demo epoch 6 % slower (6.9 vs
+    # 6.5 s, `--all` 291 vs 282 s, same Dice; idle Xeon with AMX, 2026-12-02); cutting a 48^3 patch without
+    # augmentation is ~1 % of a step, so there is nothing to take off the loop.
     "cpu": dict(TARGET_SPACING=(3.0, 3.0, 3.0), PATCH_SIZE=(48, 48, 48), BATCH_SIZE=2, DEPTH=4,
                 EPOCHS=20, ITERS_PER_EPOCH=50, VAL_EVERY=4, SW_OVERLAP=0.25, SW_BATCH=4, AUGMENT=False,
-                ATTENTION=True),
+                ATTENTION=True, LOADER_WORKERS=0),
 }
 
 

@@ -143,10 +143,14 @@ def amp_dtype(device):
 
 def _model_fn(model, device, mirror):
     """predict_fn for sliding_window: autocast forward, float32 logits; mirror = average with the
-    x-flipped window (flipped back)."""
+    x-flipped window (flipped back). On the CPU windows go in channels-last (predict_logits puts the model in
+    that format): oneDNN's 3D convolutions run about twice as fast so (128^3 windows, base 8, bf16 and fp32,
+    BENCHMARKS.md); CUDA keeps the default format until bench.py --gpu has measured both there."""
     dtype = amp_dtype(device)
 
     def run(x):
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x).float()
             if mirror:
@@ -181,7 +185,7 @@ def predict_logits(model, norm_image, patch_size, overlap, sw_batch, mirror, dev
     model.eval()
     try:
         while True:
-            model.to(device)
+            model.to(device, memory_format=torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format)
             try:
                 with torch.inference_mode():
                     return sliding_window(_model_fn(model, device, mirror), image, patch_size, overlap, sw_batch,
@@ -197,7 +201,8 @@ def predict_logits(model, norm_image, patch_size, overlap, sw_batch, mirror, dev
                     device = torch.device("cpu")
                     print("inference: CUDA out of memory at sw_batch=1, falling back to the CPU")
     finally:
-        model.to(home)  # a CPU fallback must not leave a training model on the CPU
+        model.to(home, memory_format=torch.contiguous_format)  # a CPU fallback must not leave a training model
+        # on the CPU (nor in channels-last, which training does not use)
 
 
 def logits_to_labels(logits):

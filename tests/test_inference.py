@@ -161,6 +161,23 @@ def test_predict_logits_amp_close_to_fp32(monkeypatch):
     torch.testing.assert_close(amp, ref, rtol=0.05, atol=0.05)  # bf16 keeps ~3 significant digits
 
 
+def test_predict_logits_channels_last_on_cpu_same_logits_and_model_restored():
+    """The CPU path runs windows in channels-last; the logits equal a plain contiguous forward and the model
+    comes back in the default memory format (training does not use channels-last)."""
+    config.AMP = False
+    image = np.random.default_rng(2).standard_normal((16, 16, 16)).astype(np.float32)
+    net = small_net(seed=5)
+    seen = []
+    net.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last_3d)))
+    out = inference.predict_logits(net, image, (16, 16, 16), 0.5, 1, False, "cpu")
+    assert seen and all(seen)  # really ran channels-last
+    with torch.no_grad():
+        ref = net.eval()(torch.from_numpy(image)[None, None])[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert all(p.is_contiguous() for p in net.parameters())
+
+
 @pytest.fixture
 def normalize_stand_in(monkeypatch):
     """Use preprocessing.normalize_hu when it exists; otherwise a stand-in with the contract's formula."""
