@@ -10,7 +10,7 @@ Usage (library; predict.py and evaluate.py call it):
 
 Status rule (the README has the same text):
   1. Pelvis landmark: the two femoral heads, searched in the HU image (model space: RAS, coarse grid). Bone is
-     HU > STATUS_BONE_HU, holes filled slice by slice (cancellous core inside the cortex); the depth inside bone
+     HU > STATUS_BONE_HU after a Gaussian of STATUS_BONE_SMOOTH_MM (noise), holes filled slice by slice (cancellous core inside the cortex); the depth inside bone
      (Euclidean distance to the nearest non-bone voxel, mm) has a local maximum of STATUS_FEMORAL_HEAD_RADIUS_MM
      at the centre of a head, and the ball of that radius holds cortical bone (95th percentile HU >=
      STATUS_CORTICAL_HU). A pair of such maxima on either side of the body's midline, at the same height and
@@ -88,7 +88,10 @@ def find_femoral_heads(hu, affine):
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     in_plane = np.zeros((3, 3, 1), bool)
     in_plane[:, :, 0] = ndimage.generate_binary_structure(2, 1)
-    bone = ndimage.binary_fill_holes(hu > config.STATUS_BONE_HU, structure=in_plane)
+    # Smoothed first: in a noisy scan (30 HU) the cancellous core of a head (~160 HU) dips below the threshold
+    # in specks, holes that reach the cortex are not filled, and the depth inside bone falls short of a head's.
+    smooth = ndimage.gaussian_filter(hu, config.STATUS_BONE_SMOOTH_MM / spacing)
+    bone = ndimage.binary_fill_holes(smooth > config.STATUS_BONE_HU, structure=in_plane)
     none = dict(found=False, heads_mm=[], radius_mm=[], z_mm=None, candidates=0)
     if not bone.any():
         return none
