@@ -181,7 +181,10 @@ def predict_logits(model, norm_image, patch_size, overlap, sw_batch, mirror, dev
         raise ValueError(f"norm_image must be (X, Y, Z), got shape {tuple(image.shape)}")
     image = image[None, None]  # (1, 1, X, Y, Z)
     sw_batch = int(sw_batch)
-    home = next(model.parameters(), torch.empty(0)).device  # where the caller keeps the model (e.g. training)
+    home = next(model.parameters(), torch.empty(0)).device  # where and in which layout the caller keeps the
+    home_format = (torch.channels_last_3d  # model (training keeps it in channels-last), restored afterwards
+                   if any(p.dim() == 5 and not p.is_contiguous() for p in model.parameters())
+                   else torch.contiguous_format)
     model.eval()
     try:
         while True:
@@ -201,8 +204,7 @@ def predict_logits(model, norm_image, patch_size, overlap, sw_batch, mirror, dev
                     device = torch.device("cpu")
                     print("inference: CUDA out of memory at sw_batch=1, falling back to the CPU")
     finally:
-        model.to(home, memory_format=torch.contiguous_format)  # a CPU fallback must not leave a training model
-        # on the CPU (nor in channels-last, which training does not use)
+        model.to(home, memory_format=home_format)  # a CPU fallback must not leave a training model on the CPU
 
 
 def logits_to_labels(logits):

@@ -163,7 +163,7 @@ def test_predict_logits_amp_close_to_fp32(monkeypatch):
 
 def test_predict_logits_channels_last_on_cpu_same_logits_and_model_restored():
     """The CPU path runs windows in channels-last; the logits equal a plain contiguous forward and the model
-    comes back in the default memory format (training does not use channels-last)."""
+    comes back in the memory format it had (training keeps it in channels-last)."""
     config.AMP = False
     image = np.random.default_rng(2).standard_normal((16, 16, 16)).astype(np.float32)
     net = small_net(seed=5)
@@ -176,6 +176,10 @@ def test_predict_logits_channels_last_on_cpu_same_logits_and_model_restored():
         ref = net.eval()(torch.from_numpy(image)[None, None])[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert all(p.is_contiguous() for p in net.parameters())
+    net.to(memory_format=torch.channels_last_3d)
+    before = [p.stride() for p in net.parameters()]
+    inference.predict_logits(net, image, (16, 16, 16), 0.5, 1, False, "cpu")
+    assert [p.stride() for p in net.parameters()] == before
 
 
 @pytest.fixture
