@@ -47,7 +47,6 @@ FLAGS = {  # code -> what it means (the reason printed with it adds the numbers)
     "fragmented": "more than one connected component above the size limit",
     "order_prostate_bladder": "prostate not inferior to the bladder",
     "order_rectum": "rectum not posterior to the prostate and bladder",
-    "touches_edge": "touches the edge of the scan (volume is a lower bound)",
     "outside_region": "centre outside the organ's expected height relative to the femoral heads",
     "low_confidence": "low mean probability inside the mask",
     "mirror_disagreement": "plain and left-right mirrored predictions disagree",
@@ -314,8 +313,6 @@ def organ_flags(organ, e, measures, status, thresholds):
                  and others[o]["centroid_mm"][1] <= c[1]]
         if ahead:
             flags.append(_flag("order_rectum", f"not behind the {' and '.join(ahead)} (y)"))
-    if e["at_edge"]:
-        flags.append(_flag("touches_edge", "mask reaches a face of the grid"))
     pelvis = measures["pelvis"]
     if pelvis.get("found"):
         lo_z, hi_z = (pelvis["z_mm"] + d for d in config.STATUS_ORGAN_Z_MM[organ])
@@ -375,7 +372,7 @@ def console_line(name, organs_report):
         text = f"{organ} {e['ml']:.0f} mL" if s in ("present", "partially_imaged") else f"{organ} {s.replace('_', ' ')}"
         if s == "partially_imaged":
             text += " (cut by the scan edge)"
-        codes = [f["code"] for f in e["flags"] if f["code"] != "touches_edge"]
+        codes = [f["code"] for f in e["flags"]]
         if codes:
             text += f" (flag: {', '.join(codes)})"
         parts.append(text)

@@ -110,7 +110,7 @@ def test_assess_each_status_on_hand_made_scans():
     got = {o: e["status"] for o, e in report["organs"].items()}
     assert got == {"prostate": "absent", "bladder": "present", "rectum": "partially_imaged"}
     assert report["pelvis"]["found"] and np.array_equal(out, labels)
-    assert "touches_edge" in [f["code"] for f in report["organs"]["rectum"]["flags"]]
+    assert not report["organs"]["rectum"]["flags"]  # cut by the edge is its status, not a flag
     # Chest: no femoral heads; a predicted "bladder" there is removed.
     chest = make_ct(heads=())
     labels = world_box(chest, (-20, 20, 15), (20, 50, 50), 2)
@@ -158,7 +158,6 @@ def test_good_organs_carry_no_flag():
     ("bladder", organ(200, (0, 20, 20), components_ml=[190.0, 10.0]), "fragmented"),
     ("prostate", organ(30, (0, 10, 40)), "order_prostate_bladder"),
     ("rectum", organ(60, (0, 30, 0)), "order_rectum"),
-    ("bladder", organ(200, (0, 20, 20), at_edge=True), "touches_edge"),
     ("bladder", organ(200, (0, 20, 150)), "outside_region"),
     ("rectum", organ(60, (0, -30, 0), confidence=0.5), "low_confidence"),
     ("rectum", organ(60, (0, -30, 0), mirror_dice=0.6), "mirror_disagreement"),
@@ -176,7 +175,7 @@ def test_flags_of_absent_organs_and_reasons():
         ["mirror_disagreement"]
     assert flags_of("prostate", organ(0, None, voxels=0, peak_probability=0.1, mirror_ml=0), st="absent") == []
     # a cut organ's small volume is a lower bound: no volume_low
-    assert flags_of("prostate", organ(4, (0, 10, -30), at_edge=True)) == ["touches_edge"]
+    assert flags_of("prostate", organ(4, (0, 10, -30), at_edge=True)) == []
     e = organ(700, (0, 20, 20))
     reason = status.organ_flags("bladder", e, {"organs": {"bladder": e}, "pelvis": {}}, "present", THRESHOLDS)
     assert reason == [{"code": "volume_high", "reason": "volume above the range seen in training (700.0 mL > 500.0)"}]
