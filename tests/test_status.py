@@ -198,20 +198,53 @@ def test_old_checkpoint_gets_defaults_with_a_message(capsys):
     assert status.thresholds_of({"status_thresholds": fitted}) is fitted
 
 
+def test_tolerance_factor_against_monte_carlo():
+    """mean - k * sd of n normal draws lies below the population's 5 % point in 90 % of samples."""
+    rng = np.random.default_rng(0)
+    z05 = -1.6448536
+    for n in (5, 20):
+        k = status.tolerance_factor(n, 0.05, 0.9)
+        draws = rng.standard_normal((40000, n))
+        covered = (draws.mean(1) - k * draws.std(1, ddof=1) <= z05).mean()
+        assert covered == pytest.approx(0.9, abs=0.01)
+    assert status.tolerance_factor(5, 0.05, 0.9) > status.tolerance_factor(20, 0.05, 0.9) > 1.6449
+
+
 def test_fit_from_results_uses_the_good_validation_results():
-    config.STATUS_FLAG_GOOD_QUANTILE = 0.0  # no good validation result may be flagged
-    good = [organ(ml, confidence=c, mirror_dice=m, components_ml=[ml] + extra)
-            for ml, c, m, extra in ((40, 0.8, 0.90, []), (50, 0.9, 0.95, [1.5]), (80, 0.95, 0.97, []))]
+    config.STATUS_FIT_MIN_RESULTS = 5
+    conf = [0.80, 0.85, 0.90, 0.92, 0.95]
+    good = [organ(ml, confidence=c, mirror_dice=c + 0.02, components_ml=[ml] + extra)
+            for ml, c, extra in zip((40, 50, 60, 70, 80), conf, ([], [1.5], [], [], []))]
     bad = organ(5, confidence=0.3, mirror_dice=0.2)
-    absent = organ(0, voxels=0, peak_probability=0.35)
-    results = [("bladder", e, 0.95, True) for e in good] + [("bladder", bad, 0.2, True), ("bladder", absent, None, False)]
-    got = status.fit_from_results(results, {"bladder": [45.0, 70.0]}, ("bladder",))
-    assert got["min_confidence"]["bladder"] == pytest.approx(0.8)
-    assert got["min_mirror_dice"]["bladder"] == pytest.approx(0.9)
-    assert got["volume_ml"]["bladder"] == pytest.approx([45.0 / (80 / 70), 80.0])  # widened to hold 40 and 80 mL
-    assert got["min_component_ml"]["bladder"] == pytest.approx(1.5)
-    assert got["max_absent_probability"]["bladder"] == pytest.approx(0.35)
-    assert got["fitted_on"]["results"]["bladder"] == {"good": 3, "correctly_absent": 1}
+    absent = [organ(0, voxels=0, peak_probability=p) for p in (0.05, 0.1, 0.2, 0.3, 0.35)]
+    results = [("bladder", e, 0.95, True) for e in good] + [("bladder", bad, 0.2, True)] + \
+        [("bladder", e, None, False) for e in absent] + [("prostate", organ(30), 0.95, True)]
+    train_volumes = [45.0, 50.0, 55.0, 60.0, 65.0, 70.0]
+    got = status.fit_from_results(results, {"bladder": train_volumes}, ("bladder", "prostate"))
+    # by hand: tolerance bound on the logit scale, k for n = 5
+    k = status.tolerance_factor(5, config.STATUS_FLAG_GOOD_QUANTILE, config.STATUS_FLAG_CONFIDENCE)
+    z = np.log(np.array(conf) / (1 - np.array(conf)))
+    assert got["min_confidence"]["bladder"] == pytest.approx(1 / (1 + np.exp(-(z.mean() - k * z.std(ddof=1)))), abs=1e-4)
+    assert got["min_confidence"]["bladder"] < 0.8 and got["min_mirror_dice"]["bladder"] < 0.82  # no good one flagged
+    assert got["min_confidence"]["bladder"] > 0.3  # the bad one is
+    lo, hi = got["volume_ml"]["bladder"]
+    assert lo < 40 and hi > 80  # every training organ and good prediction inside, with a margin
+    assert got["min_component_ml"]["bladder"] == pytest.approx(np.quantile([0, 1.5, 0, 0, 0], 0.95))
+    assert 0.35 < got["max_absent_probability"]["bladder"] < 0.99
+    assert got["fitted_on"]["results"]["bladder"] == {"good": 5, "correctly_absent": 5}
+    assert not any(d.endswith(".bladder") for d in got["fitted_on"]["defaults"] + got["fitted_on"]["pooled_over_organs"])
+    # one good prostate: its confidence and mirror thresholds come from the good results of all organs (6), the
+    # rest are the defaults; both listed
+    all_conf = conf + [organ(30)["confidence"]]
+    assert got["min_confidence"]["prostate"] == pytest.approx(status.tolerance_bound(all_conf, "low", "logit"), abs=1e-4)
+    assert {"min_confidence.prostate", "min_mirror_dice.prostate"} <= set(got["fitted_on"]["pooled_over_organs"])
+    for key in ("volume_ml", "min_component_ml", "max_absent_probability"):
+        assert got[key]["prostate"] == config.STATUS_DEFAULT_THRESHOLDS[key]["prostate"]
+        assert f"{key}.prostate" in got["fitted_on"]["defaults"]
+    # too few good results even over all organs: defaults
+    alone = status.fit_from_results([("prostate", organ(30), 0.95, True)], {}, ("prostate",))
+    for key in status.THRESHOLD_KEYS:
+        assert alone[key]["prostate"] == config.STATUS_DEFAULT_THRESHOLDS[key]["prostate"]
 
 
 # --- Model evidence ---------------------------------------------------------------------------
