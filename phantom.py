@@ -34,6 +34,7 @@ import nibabel as nib
 from scipy import ndimage
 
 import config
+import status
 from fileio import save_nifti_atomic, write_text_atomic
 
 MASK_NAMES = ("prostate", "bladder", "rectum", "femur_left", "femur_right")
@@ -1011,7 +1012,7 @@ def make_case(seed, grid="demo", style="train", **forced):
                                                                         round(float(g.axes[2][-1]), 1)],
         "spacing": [float(v) for v in nib.affines.voxel_sizes(affine)], "shape": list(ct.shape),
         "volumes_ml": volumes, "present": {k: v > 0 for k, v in volumes.items()},
-        "touches_fov_edge": {name: bool(_touches_edge(cv.masks[name])) for name in MASK_NAMES},
+        "touches_fov_edge": {name: bool(status.touches_edge(cv.masks[name])) for name in MASK_NAMES},
         "bladder_fill_ml": round(p["bladder_ml"], 1), "prostate_ml_drawn": round(p["prostate_ml"], 1),
         "iv_contrast": acq["iv_contrast"], "bladder_contrast": acq["bladder_contrast"],
         "rectum_content": p["rectum_content"], "table": acq["table"], "noise_sd_hu": round(acq["noise_sd"], 1),
@@ -1032,16 +1033,11 @@ def organ_status(masks, grid, scale):
     for organ in config.ORGANS:
         m = masks[organ]
         if m.any():
-            out[organ] = "partially_imaged" if _touches_edge(m) else "present"
+            out[organ] = "partially_imaged" if status.touches_edge(m) else "present"
         else:
             lo, hi = (v * scale for v in ORGAN_REGION_Z[organ])
             out[organ] = "absent" if z0 <= (lo + hi) / 2 <= z1 else "not_imaged"
     return out
-
-
-def _touches_edge(mask):
-    """True when a mask reaches a face of the grid (the organ is cut by the field of view)."""
-    return any(mask[i].any() or mask[:, i].any() or mask[:, :, i].any() for i in (0, -1))
 
 
 def write_case(case, case_dir):
