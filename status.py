@@ -630,7 +630,11 @@ def fit_thresholds(checkpoint, split="val", show_progress=None):
     thresholds["fitted_on"]["cases"] = len(case_ids)
     ckpt["status_thresholds"] = thresholds
     train.save_atomic(ckpt, checkpoint)
-    print(f"status: thresholds fitted on {len(case_ids)} {split} cases, stored in {checkpoint}")
+    notes = [f"{what}: {', '.join(thresholds['fitted_on'][key])}" for what, key in
+             (("too few good results, pooled over organs", "pooled_over_organs"),
+              ("too few to fit, defaults", "defaults")) if thresholds["fitted_on"][key]]
+    print(f"status: thresholds fitted on {len(case_ids)} {split} cases, stored in {checkpoint}"
+          + "".join(f"\n  {n}" for n in notes))
     return thresholds
 
 
