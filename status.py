@@ -551,7 +551,8 @@ def fit_from_results(results, volumes, organs):
     default = config.STATUS_DEFAULT_THRESHOLDS
     out = {k: {} for k in THRESHOLD_KEYS}
     counts, defaults, pooled = {}, [], []
-    all_good = [e for o, e, d, ref in results if d is not None and d >= config.STATUS_GOOD_DICE]
+    good_of = [(o, e) for o, e, d, ref in results if d is not None and d >= config.STATUS_GOOD_DICE]
+    all_good = [e for _, e in good_of]
 
     def pick(key, organ, value):
         if value is None:
@@ -560,7 +561,7 @@ def fit_from_results(results, volumes, organs):
         out[key][organ] = [round(v, 4) for v in value] if isinstance(value, (list, tuple)) else round(value, 4)
 
     for organ in organs:
-        good = [e for o, e, d, ref in results if o == organ and d is not None and d >= config.STATUS_GOOD_DICE]
+        good = [e for o, e in good_of if o == organ]
         tn = [e for o, e, d, ref in results if o == organ and not ref and e["voxels"] == 0]
         counts[organ] = {"good": len(good), "correctly_absent": len(tn)}
         # volume: every whole training organ, every good validation prediction, and the log-normal tolerance
