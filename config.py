@@ -139,6 +139,8 @@ STATUS_FLAG_CONFIDENCE = 0.9  # with this confidence: a one-sided normal toleran
                               # validation split gets a wider margin (status.tolerance_bound)
 STATUS_FIT_MIN_RESULTS = 5  # fewer good (or correctly absent) validation results of an organ: default threshold
 STATUS_MIN_COMPONENT_FLOOR_ML = 0.5  # "fragmented" never counts components smaller than this (mL)
+STATUS_EDGE_SHELL_MM = 3.0  # "edge_leak": thickness of the shell just outside a mask (and of the rim left out of its
+                            # core), compared after a Gaussian of STATUS_BONE_SMOOTH_MM (image noise)
 STATUS_DEFAULT_THRESHOLDS = {  # a checkpoint that predates fitted thresholds, or too few validation results to fit:
     # volumes: adult literature ranges; confidence and mirror Dice: chosen on development phantoms (test split,
     # seeds 1 and 2000) for the 20-epoch demo net, whose validation split holds one good result (0.6 / 0.8
@@ -148,6 +150,12 @@ STATUS_DEFAULT_THRESHOLDS = {  # a checkpoint that predates fitted thresholds, o
     "min_confidence": {"prostate": 0.75, "bladder": 0.75, "rectum": 0.75},
     "min_mirror_dice": {"prostate": 0.85, "bladder": 0.85, "rectum": 0.85},
     "max_absent_probability": {"prostate": 0.45, "bladder": 0.45, "rectum": 0.45},
+    # edge leak (share of the shell just outside the mask whose HU lies in the mask core's 10-90 % range), chosen
+    # on the development phantoms (seeds 1 and 2000, the demo net, model space): good bladders 0.08-0.30,
+    # middling ones (Dice 0.7-0.9) up to 0.69, the two under-segmented bladders no other flag caught 0.55 and
+    # 0.61; prostates and rectums of every quality spread over the whole range (their borders are weak in CT),
+    # so theirs is set never to fire
+    "max_edge_leak": {"prostate": 1.0, "bladder": 0.54, "rectum": 1.0},
 }
 
 # --- Device profiles: applied before command-line overrides ---------------------------------

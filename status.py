@@ -51,8 +51,10 @@ FLAGS = {  # code -> what it means (the reason printed with it adds the numbers)
     "low_confidence": "low mean probability inside the mask",
     "mirror_disagreement": "plain and left-right mirrored predictions disagree",
     "uncertain_absence": "absent, but the model's probability for it peaks high somewhere in the scan",
+    "edge_leak": "the scan just outside the mask looks like its inside (organ cut short?)",
 }
-THRESHOLD_KEYS = ("volume_ml", "min_component_ml", "min_confidence", "min_mirror_dice", "max_absent_probability")
+THRESHOLD_KEYS = ("volume_ml", "min_component_ml", "min_confidence", "min_mirror_dice", "max_absent_probability",
+                  "max_edge_leak")
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,10 +217,13 @@ def model_evidence(model, ct_img, labels, organs, device):
     prob = _probabilities(logits)
     other = np.asarray(inference.logits_to_labels(logits))
     mine = preprocessing.prepare_labels({o: (labels == k).astype(np.uint8) for k, o in enumerate(organs, 1)}, geom)
+    spacing = np.asarray(geom["model_spacing"], float)
+    smooth = ndimage.gaussian_filter(np.asarray(hu, np.float32), config.STATUS_BONE_SMOOTH_MM / spacing)
     for k, organ in enumerate(organs, start=1):
         m, o = mine == k, other == k
         n_m, n_o = int(m.sum()), int(o.sum())
         out["organs"][organ] = {
+            "edge_leak": edge_leak(smooth, m, spacing),
             "confidence": float(prob[k - 1][m].mean()) if n_m else None,
             "mirror_dice": (2.0 * int((m & o).sum()) / (n_m + n_o) if n_m + n_o else 1.0) if mirror else None,
             "mirror_ml": n_o * float(np.prod(geom["model_spacing"])) / 1000.0 if mirror else None,
@@ -227,15 +232,39 @@ def model_evidence(model, ct_img, labels, organs, device):
     return out
 
 
+def edge_leak(smooth, mask, spacing):
+    """Share of the shell just outside `mask` (STATUS_EDGE_SHELL_MM thick) whose smoothed HU lies within the 10-90 %
+    range of the mask's core (the mask less a rim as thick; the whole mask when that leaves too little). A mask
+    that stops inside a homogeneous organ (a bladder cut short in its urine) leaks; one that follows the organ's
+    wall does not. None for an empty mask."""
+    if not mask.any():
+        return None
+    steps = max(1, int(round(config.STATUS_EDGE_SHELL_MM / float(np.min(spacing)))))
+    ball = ndimage.generate_binary_structure(3, 1)
+    core = ndimage.binary_erosion(mask, ball, iterations=steps)
+    if core.sum() < 27:
+        core = mask
+    shell = ndimage.binary_dilation(mask, ball, iterations=steps) & ~mask
+    if not shell.any():
+        return None
+    lo, hi = np.percentile(smooth[core], [10, 90])
+    outside = smooth[shell]
+    return float(((outside >= lo) & (outside <= hi)).mean())
+
+
 # --------------------------------------------------------------------------------------------
 # Thresholds
 # --------------------------------------------------------------------------------------------
 def thresholds_of(ckpt, quiet=False):
     """The flag thresholds stored in a checkpoint; config.STATUS_DEFAULT_THRESHOLDS (with a note) for one that
-    predates them."""
+    predates them, and for each threshold added since it was fitted."""
     stored = (ckpt or {}).get("status_thresholds")
-    if stored and all(k in stored for k in THRESHOLD_KEYS):
-        return stored
+    if stored:
+        missing = [k for k in THRESHOLD_KEYS if k not in stored]
+        if missing and not quiet:
+            print(f"note: this checkpoint's status thresholds predate {', '.join(missing)}; using "
+                  "config.STATUS_DEFAULT_THRESHOLDS for those (refit: python status.py --fit --checkpoint PATH)")
+        return dict({k: config.STATUS_DEFAULT_THRESHOLDS[k] for k in missing}, **stored)
     if not quiet:
         print("note: this checkpoint has no fitted status thresholds (trained before they existed); using "
               "config.STATUS_DEFAULT_THRESHOLDS. Fit them on the validation split: python status.py --fit "
@@ -325,6 +354,9 @@ def organ_flags(organ, e, measures, status, thresholds):
     md, limit = e.get("mirror_dice"), _per_organ(thresholds, "min_mirror_dice", organ)
     if md is not None and limit is not None and md < limit:
         flags.append(_flag("mirror_disagreement", f"Dice {md:.2f} < {limit:.2f}"))
+    leak, limit = e.get("edge_leak"), _per_organ(thresholds, "max_edge_leak", organ)
+    if leak is not None and limit is not None and leak > limit:
+        flags.append(_flag("edge_leak", f"{leak:.2f} of the surrounding shell > {limit:.2f}"))
     return flags
 
 
@@ -585,6 +617,8 @@ def fit_from_results(results, volumes, organs):
             pick(key, organ, t)
         pick("max_absent_probability", organ,
              tolerance_bound([e.get("peak_probability") for e in tn], "high", "logit"))
+        # per organ only, never pooled: how alike an organ's inside and its surroundings are differs by organ
+        pick("max_edge_leak", organ, tolerance_bound([e.get("edge_leak") for e in good], "high", "logit"))
     out["fitted_on"] = {"split": "val", "results": counts, "good_quantile": config.STATUS_FLAG_GOOD_QUANTILE,
                         "confidence": config.STATUS_FLAG_CONFIDENCE, "good_dice": config.STATUS_GOOD_DICE,
                         "defaults": defaults, "pooled_over_organs": pooled}

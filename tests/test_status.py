@@ -4,6 +4,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 import torch
 
 import config
@@ -127,13 +128,15 @@ THRESHOLDS = {"volume_ml": {"prostate": [10.0, 60.0], "bladder": [50.0, 500.0], 
               "min_component_ml": {"prostate": 1.0, "bladder": 2.0, "rectum": 2.0},
               "min_confidence": {"prostate": 0.7, "bladder": 0.7, "rectum": 0.7},
               "min_mirror_dice": {"prostate": 0.8, "bladder": 0.8, "rectum": 0.8},
-              "max_absent_probability": {"prostate": 0.3, "bladder": 0.3, "rectum": 0.3}}
+              "max_absent_probability": {"prostate": 0.3, "bladder": 0.3, "rectum": 0.3},
+              "max_edge_leak": {"prostate": 0.5, "bladder": 0.5, "rectum": 0.5}}
 
 
 def organ(ml=30.0, centre=(0.0, 0.0, 0.0), **kw):
     e = dict(voxels=int(ml * 100), ml=ml, at_edge=False, centroid_mm=None if centre is None else list(centre),
              components_ml=[ml] if ml else [],
-             confidence=0.9, mirror_dice=0.95, mirror_ml=ml, peak_probability=0.99, centre_imaged=True)
+             confidence=0.9, mirror_dice=0.95, mirror_ml=ml, peak_probability=0.99, centre_imaged=True,
+             edge_leak=0.1)
     e.update(kw)
     return e
 
@@ -161,6 +164,7 @@ def test_good_organs_carry_no_flag():
     ("bladder", organ(200, (0, 20, 150)), "outside_region"),
     ("rectum", organ(60, (0, -30, 0), confidence=0.5), "low_confidence"),
     ("rectum", organ(60, (0, -30, 0), mirror_dice=0.6), "mirror_disagreement"),
+    ("bladder", organ(200, (0, 20, 20), edge_leak=0.7), "edge_leak"),
 ])
 def test_each_flag(name, e, code):
     got = flags_of(name, e)
@@ -195,7 +199,32 @@ def test_old_checkpoint_gets_defaults_with_a_message(capsys):
     assert got["volume_ml"] == config.STATUS_DEFAULT_THRESHOLDS["volume_ml"] and got["fitted_on"] is None
     assert "no fitted status thresholds" in capsys.readouterr().out
     fitted = dict(THRESHOLDS, fitted_on={"split": "val"})
-    assert status.thresholds_of({"status_thresholds": fitted}) is fitted
+    assert status.thresholds_of({"status_thresholds": fitted}) == fitted
+    # fitted before a threshold existed: the others are kept, the new one is the default, and it says so
+    older = {k: v for k, v in fitted.items() if k != "max_edge_leak"}
+    got = status.thresholds_of({"status_thresholds": older})
+    assert got["max_edge_leak"] == config.STATUS_DEFAULT_THRESHOLDS["max_edge_leak"]
+    assert got["min_confidence"] == THRESHOLDS["min_confidence"] and got["fitted_on"] == {"split": "val"}
+    assert "predate max_edge_leak" in capsys.readouterr().out
+
+
+def test_edge_leak_against_box_geometry():
+    """A uniform box organ in fat; a 6-connected shell of one voxel outside a box mask is its six face slabs, so
+    the share counted by hand: the whole box leaks nothing, the box cut in half leaks through its cut face."""
+    config.STATUS_EDGE_SHELL_MM = 3.0
+    hu = np.full((20, 20, 20), -100.0, np.float32)
+    hu[5:15, 5:15, 5:15] = 10.0
+    spacing = np.array([3.0, 3.0, 3.0])
+    whole = np.zeros(hu.shape, bool)
+    whole[5:15, 5:15, 5:15] = True
+    assert status.edge_leak(hu, whole, spacing) == 0.0
+    half = np.zeros(hu.shape, bool)
+    half[5:15, 5:15, 5:10] = True  # faces: x 2 * 10 * 5, y 2 * 10 * 5, z 2 * 10 * 10; the z = 10 face is organ
+    assert status.edge_leak(hu, half, spacing) == pytest.approx(100 / 400)
+    config.STATUS_EDGE_SHELL_MM = 6.0  # two voxels: the shell is the 2-step 6-connected dilation less the mask
+    shell = ndimage.binary_dilation(half, iterations=2) & ~half
+    assert status.edge_leak(hu, half, spacing) == pytest.approx((shell & (hu == 10.0)).sum() / shell.sum())
+    assert status.edge_leak(hu, np.zeros(hu.shape, bool), spacing) is None
 
 
 def test_tolerance_factor_against_monte_carlo():
@@ -213,8 +242,9 @@ def test_tolerance_factor_against_monte_carlo():
 def test_fit_from_results_uses_the_good_validation_results():
     config.STATUS_FIT_MIN_RESULTS = 5
     conf = [0.80, 0.85, 0.90, 0.92, 0.95]
-    good = [organ(ml, confidence=c, mirror_dice=c + 0.02, components_ml=[ml] + extra)
-            for ml, c, extra in zip((40, 50, 60, 70, 80), conf, ([], [1.5], [], [], []))]
+    leak = [0.1, 0.15, 0.2, 0.25, 0.3]
+    good = [organ(ml, confidence=c, mirror_dice=c + 0.02, components_ml=[ml] + extra, edge_leak=lk)
+            for ml, c, extra, lk in zip((40, 50, 60, 70, 80), conf, ([], [1.5], [], [], []), leak)]
     bad = organ(5, confidence=0.3, mirror_dice=0.2)
     absent = [organ(0, voxels=0, peak_probability=p) for p in (0.05, 0.1, 0.2, 0.3, 0.35)]
     results = [("bladder", e, 0.95, True) for e in good] + [("bladder", bad, 0.2, True)] + \
@@ -231,6 +261,8 @@ def test_fit_from_results_uses_the_good_validation_results():
     assert lo < 40 and hi > 80  # every training organ and good prediction inside, with a margin
     assert got["min_component_ml"]["bladder"] == pytest.approx(np.quantile([0, 1.5, 0, 0, 0], 0.95))
     assert 0.35 < got["max_absent_probability"]["bladder"] < 0.99
+    assert got["max_edge_leak"]["bladder"] == pytest.approx(status.tolerance_bound(leak, "high", "logit"), abs=1e-4)
+    assert 0.3 < got["max_edge_leak"]["bladder"] < 0.99
     assert got["fitted_on"]["results"]["bladder"] == {"good": 5, "correctly_absent": 5}
     assert not any(d.endswith(".bladder") for d in got["fitted_on"]["defaults"] + got["fitted_on"]["pooled_over_organs"])
     # one good prostate: its confidence and mirror thresholds come from the good results of all organs (6), the
@@ -238,7 +270,7 @@ def test_fit_from_results_uses_the_good_validation_results():
     all_conf = conf + [organ(30)["confidence"]]
     assert got["min_confidence"]["prostate"] == pytest.approx(status.tolerance_bound(all_conf, "low", "logit"), abs=1e-4)
     assert {"min_confidence.prostate", "min_mirror_dice.prostate"} <= set(got["fitted_on"]["pooled_over_organs"])
-    for key in ("volume_ml", "min_component_ml", "max_absent_probability"):
+    for key in ("volume_ml", "min_component_ml", "max_absent_probability", "max_edge_leak"):  # never pooled
         assert got[key]["prostate"] == config.STATUS_DEFAULT_THRESHOLDS[key]["prostate"]
         assert f"{key}.prostate" in got["fitted_on"]["defaults"]
     # too few good results even over all organs: defaults
