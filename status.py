@@ -370,7 +370,7 @@ def decide(measures, thresholds):
                  "flags": organ_flags(organ, e, measures, status, thresholds)}
         if status == "not_imaged" and e["voxels"]:
             entry["removed_ml"] = round(e["ml"], 3)  # predicted where its region is not imaged: removed
-        for key in ("confidence", "mirror_dice"):
+        for key in ("confidence", "mirror_dice", "edge_leak"):
             if e.get(key) is not None and status != "not_imaged":
                 entry[key] = round(e[key], 4)
         report[organ] = entry

@@ -301,6 +301,8 @@ def test_model_evidence_confidence_and_mirror():
     assert ev["bladder"]["confidence"] == pytest.approx(expected, rel=1e-4)
     assert ev["bladder"]["mirror_dice"] == pytest.approx(1.0)
     assert ev["prostate"]["confidence"] is None and ev["prostate"]["peak_probability"] < 0.01
+    # the mask is the ball: its shell leaks only where the 2 mm smoothing blurs the rim into it
+    assert 0.0 <= ev["bladder"]["edge_leak"] < 0.5 and ev["prostate"]["edge_leak"] is None
 
 
 # --- Tables ---------------------------------------------------------------------------------------
