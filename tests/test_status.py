@@ -227,6 +227,25 @@ def test_edge_leak_against_box_geometry():
     assert status.edge_leak(hu, np.zeros(hu.shape, bool), spacing) is None
 
 
+def test_training_edge_leaks_from_the_reference_masks(tmp_path):
+    """Reference masks that are whole organs in fat leak nothing; one cut short inside its organ does."""
+    grid = np.indices((30, 30, 30)).transpose(1, 2, 3, 0)
+    ball = np.linalg.norm(grid - 15, axis=-1) < 9
+    for cid, label in (("BDMAP_00000001", ball * 2), ("BDMAP_00000002", (ball & (grid[..., 2] < 15)) * 2),
+                       ("BDMAP_00000003", ball * 3)):
+        folder = tmp_path / "cases" / cid
+        folder.mkdir(parents=True)
+        np.save(folder / "ct.npy", np.where(ball, 10, -100).astype(np.int16))
+        np.save(folder / "label.npy", label.astype(np.uint8))
+        (folder / "meta.json").write_text(json.dumps({"geom": {"model_spacing": [3.0, 3.0, 3.0]}}))
+    (tmp_path / "cases" / "BDMAP_00000004").mkdir()  # nothing readable: skipped
+    got = status.training_edge_leaks(tmp_path, ["BDMAP_00000001", "BDMAP_00000002", "BDMAP_00000003",
+                                                "BDMAP_00000004"], config.ORGANS)
+    assert got["prostate"] == [] and len(got["bladder"]) == 2 and len(got["rectum"]) == 1
+    whole, cut = got["bladder"]
+    assert whole < 0.1 and got["rectum"][0] == pytest.approx(whole) and cut > 0.2  # the flat face: ~1/3 of a half ball's surface
+
+
 def test_tolerance_factor_against_monte_carlo():
     """mean - k * sd of n normal draws lies below the population's 5 % point in 90 % of samples."""
     rng = np.random.default_rng(0)
@@ -242,15 +261,15 @@ def test_tolerance_factor_against_monte_carlo():
 def test_fit_from_results_uses_the_good_validation_results():
     config.STATUS_FIT_MIN_RESULTS = 5
     conf = [0.80, 0.85, 0.90, 0.92, 0.95]
-    leak = [0.1, 0.15, 0.2, 0.25, 0.3]
-    good = [organ(ml, confidence=c, mirror_dice=c + 0.02, components_ml=[ml] + extra, edge_leak=lk)
-            for ml, c, extra, lk in zip((40, 50, 60, 70, 80), conf, ([], [1.5], [], [], []), leak)]
+    good = [organ(ml, confidence=c, mirror_dice=c + 0.02, components_ml=[ml] + extra)
+            for ml, c, extra in zip((40, 50, 60, 70, 80), conf, ([], [1.5], [], [], []))]
     bad = organ(5, confidence=0.3, mirror_dice=0.2)
     absent = [organ(0, voxels=0, peak_probability=p) for p in (0.05, 0.1, 0.2, 0.3, 0.35)]
     results = [("bladder", e, 0.95, True) for e in good] + [("bladder", bad, 0.2, True)] + \
         [("bladder", e, None, False) for e in absent] + [("prostate", organ(30), 0.95, True)]
     train_volumes = [45.0, 50.0, 55.0, 60.0, 65.0, 70.0]
-    got = status.fit_from_results(results, {"bladder": train_volumes}, ("bladder", "prostate"))
+    leak = [0.1, 0.15, 0.2, 0.25, 0.3]  # the training split's reference bladders
+    got = status.fit_from_results(results, {"bladder": train_volumes}, ("bladder", "prostate"), {"bladder": leak})
     # by hand: tolerance bound on the logit scale, k for n = 5
     k = status.tolerance_factor(5, config.STATUS_FLAG_GOOD_QUANTILE, config.STATUS_FLAG_CONFIDENCE)
     z = np.log(np.array(conf) / (1 - np.array(conf)))
