@@ -83,6 +83,7 @@ WEIGHT_DECAY = 1e-4  # optimiser weight decay
 WARMUP_EPOCHS = 1  # linear LR warm-up before the schedule
 FOREGROUND_FRACTION = 0.5  # share of patches centred on an organ voxel (organs balanced); 0.7 and 0.85 on the CPU demo:
                            # no consistent gain over seeds (README, Results)
+ABSENCE_FRACTION = 0.0  # share of patches centred on the other organs of a case that lacks an organ (data.py)
 AUGMENT = True  # on-the-fly augmentation on/off
 AUGMENT_ON = "auto"  # where: "worker" (loader processes), "device" (training device after the copy), "auto" =
                     # device on CUDA, worker on the CPU (bench.py measures both)
@@ -150,11 +151,11 @@ STATUS_DEFAULT_THRESHOLDS = {  # a checkpoint that predates fitted thresholds, o
     "min_confidence": {"prostate": 0.75, "bladder": 0.75, "rectum": 0.75},
     "min_mirror_dice": {"prostate": 0.85, "bladder": 0.85, "rectum": 0.85},
     "max_absent_probability": {"prostate": 0.45, "bladder": 0.45, "rectum": 0.45},
-    # edge leak (share of the shell just outside the mask whose HU lies in the mask core's 10-90 % range), chosen
-    # on the development phantoms (seeds 1 and 2000, the demo net, model space): good bladders 0.08-0.30,
-    # middling ones (Dice 0.7-0.9) up to 0.69, the two under-segmented bladders no other flag caught 0.55 and
-    # 0.61; prostates and rectums of every quality spread over the whole range (their borders are weak in CT),
-    # so theirs is set never to fire
+    # edge leak (share of the shell just outside the mask whose HU lies in the mask core's 10-90 % range): fitted on
+    # the reference masks of the training split; these defaults, for a checkpoint without them, were chosen on
+    # the development phantoms (seeds 1 and 2000, the demo net, model space): good bladders 0.08-0.30, middling
+    # ones (Dice 0.7-0.9) up to 0.69, the two under-segmented bladders no other flag caught 0.55 and 0.61;
+    # prostates and rectums of every quality spread over the whole range there, so theirs never fire
     "max_edge_leak": {"prostate": 1.0, "bladder": 0.54, "rectum": 1.0},
 }
 

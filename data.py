@@ -4,8 +4,10 @@ Usage (a look at what the sampler draws from processed/):
     python data.py [--n 8] [--PATCH_SIZE=96,96,96 ...]
 
 Patches of PATCH_SIZE voxels [x, y, z] are cut from memory-mapped arrays; FOREGROUND_FRACTION of them are
-centred on an organ voxel (organs drawn in turn, so the small prostate is as frequent as the bladder), the
-rest anywhere in the body so the net also learns absence. Every random draw comes from a torch.Generator the
+centred on an organ voxel (organs drawn in turn, so the small prostate is as frequent as the bladder),
+ABSENCE_FRACTION where an organ would be in a case that lacks it (an organ drawn in turn, then a case without
+it and a voxel of that case's other organs: a woman's pelvis for the prostate), the rest anywhere in the body
+so the net also learns absence. Every random draw comes from a torch.Generator the
 caller owns, so a seeded run is reproducible. Shapes: image (B, 1, X, Y, Z) float32, label (B, X, Y, Z) int64.
 """
 import argparse
@@ -48,15 +50,31 @@ class PatchSampler:
         if not self.cases:
             raise ValueError(f"no training cases in {processed_dir}: run preprocessing first")
         self.present_classes = [k for k, v in self.organ_voxels.items() if v]
+        # Where an organ would be in a case that lacks it (a woman's prostate): that case's other organs.
+        self.absence_context = {k: [] for k in self.organ_voxels}  # class -> [(case idx, coords of the others)]
+        by_case = {}
+        for k, entries in self.organ_voxels.items():
+            for idx, coords in entries:
+                by_case.setdefault(idx, {})[k] = coords
+        for idx, organs in sorted(by_case.items()):
+            for k in self.absence_context:
+                if k not in organs:
+                    self.absence_context[k].append((idx, np.concatenate(list(organs.values()))))
+        self.absent_classes = [k for k, v in self.absence_context.items() if v]
 
     def _randint(self, high):
         return int(torch.randint(high, (1,), generator=self.gen))
 
     def _centre(self):
         """Pick (case index, centre voxel) for one patch."""
-        if self.present_classes and torch.rand(1, generator=self.gen).item() < config.FOREGROUND_FRACTION:
+        u = torch.rand(1, generator=self.gen).item()
+        if self.present_classes and u < config.FOREGROUND_FRACTION:
             k = self.present_classes[self._randint(len(self.present_classes))]
             case_idx, coords = self.organ_voxels[k][self._randint(len(self.organ_voxels[k]))]
+            return case_idx, coords[self._randint(len(coords))]
+        if self.absent_classes and u < config.FOREGROUND_FRACTION + config.ABSENCE_FRACTION:
+            k = self.absent_classes[self._randint(len(self.absent_classes))]
+            case_idx, coords = self.absence_context[k][self._randint(len(self.absence_context[k]))]
             return case_idx, coords[self._randint(len(coords))]
         case_idx = self._randint(len(self.cases))
         shape = self.cases[case_idx][1].shape

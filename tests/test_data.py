@@ -51,6 +51,19 @@ def test_sampler_balances_organs_and_pads(processed, monkeypatch):
     assert img[:, 0, 36:].max() <= -0.99 and lab[:, 36:].max() == 0  # cases are 36 wide: padded with air
 
 
+def test_absence_patches_show_where_a_missing_organ_would_be(processed, monkeypatch):
+    # Case 2 has no prostate (class 1): absence patches come from it, centred on its bladder or rectum.
+    monkeypatch.setattr(config, "FOREGROUND_FRACTION", 0.0)
+    monkeypatch.setattr(config, "ABSENCE_FRACTION", 1.0)
+    sampler = data.PatchSampler(CASES, processed, (16, 16, 16), torch.Generator().manual_seed(0))
+    assert sampler.absent_classes == [1] and [i for i, _ in sampler.absence_context[1]] == [1]
+    _, lab = sampler.batch(40)
+    assert set(lab[:, 8, 8, 8].tolist()) == {2, 3} and not (lab == 1).any()
+    monkeypatch.setattr(config, "ABSENCE_FRACTION", 0.0)  # off: patches anywhere, from both cases
+    _, lab = sampler.batch(40)
+    assert (lab[:, 8, 8, 8] == 0).any() and (lab == 1).any()
+
+
 def test_augment_keeps_image_and_label_aligned():
     # A label that is a threshold of the image must still be (nearly) that threshold after the spatial
     # transforms: image and label go through the same grid. Intensity transforms are mild (+-5 %).
