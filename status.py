@@ -25,8 +25,8 @@ Status rule (the README has the same text):
      (voxel centres), else `not_imaged`. (The flag outside_region uses the wider STATUS_ORGAN_Z_MM.)
 
 Flags: each a short code and a one-line reason (FLAGS). Their thresholds are fitted on the validation split by
-fit_thresholds() (train.py calls it after training; the volume range and the edge-leak maximum come from the
-training split's reference masks) and stored in the checkpoint under "status_thresholds";
+fit_thresholds() (train.py calls it after training; the volume range also holds the training split's whole
+organs, and the edge-leak maximum comes from the training split's reference masks) and stored in the checkpoint under "status_thresholds";
 a checkpoint from before that gets config.STATUS_DEFAULT_THRESHOLDS with a note. Arrays are indexed [x, y, z];
 positions are world RAS mm; volumes mL.
 """
