@@ -105,6 +105,12 @@ def report_markdown(summary, rows, failed, notes, plots, organs):
              "Statistics are over organ-present cases: mean ± std, then median [IQR], n.", ""]
     if notes:
         lines += ["Settings taken from the checkpoint: " + "; ".join(notes), ""]
+    dec = summary.get("decisions")
+    if dec:
+        lines += ["Clean-up decided on the validation split in training (from the checkpoint): logit offset "
+                  + (", ".join(f"{o} {v:+g}" for o, v in dec["logit_offset"].items()) or "none")
+                  + f"; largest component {'on' if dec['largest_component'] else 'off'}; absent below "
+                  + (", ".join(f"{o} {v:g} mL" for o, v in dec["min_organ_ml"].items()) or "– (no presence rule)"), ""]
     lines += ["## Accuracy (organ-present cases)", "",
               "| Organ | present | Dice | HD95 (mm) | NSD @ 2 mm |", "|---|---|---|---|---|"]
     for organ in organs:
@@ -380,6 +386,9 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None, data
                    failed=[{"case_id": c, "reason": r} for c, r in failed],
                    seconds=time.time() - t0, checkpoint_epoch=ckpt.get("epoch"),
                    settings_from_checkpoint={k: list(v[1]) for k, v in changed.items()},
+                   decisions={"logit_offset": dict(config.ORGAN_LOGIT_OFFSET),
+                              "largest_component": inference.keep_largest_on(config.LARGEST_COMPONENT),
+                              "min_organ_ml": dict(config.MIN_ORGAN_ML)},
                    status=status.summarize(rows, organs))
     write_csv(rows, out_dir / "metrics_per_case.csv", organs)
     write_text_atomic(out_dir / "summary_statistics.json", json.dumps(summary, indent=2))

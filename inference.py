@@ -223,6 +223,21 @@ def logits_to_labels(logits):
     return labels if is_tensor else labels.numpy()
 
 
+def offset_logits(logits, offsets=None, organs=None):
+    """logits (n_organs, X, Y, Z) plus each organ's logit offset (default config.ORGAN_LOGIT_OFFSET, the one
+    decided on the validation split; an organ without one gets 0). A positive offset grows that organ at the
+    expense of the background, where the net is less sure than it should be. Same kind as the input."""
+    offsets = config.ORGAN_LOGIT_OFFSET if offsets is None else offsets
+    organs = tuple(organs or config.ORGANS)[:logits.shape[0]]
+    shift = [float(offsets.get(o, 0.0)) for o in organs]
+    if not any(shift):
+        return logits
+    shape = (len(shift),) + (1,) * (logits.ndim - 1)
+    if torch.is_tensor(logits):
+        return logits + torch.tensor(shift, dtype=logits.dtype, device=logits.device).view(shape)
+    return logits + np.asarray(shift, dtype=logits.dtype).reshape(shape)
+
+
 def largest_component(labels, n_organs):
     """Keep, per label 1..n_organs, only its largest 26-connected component (in place on a copy)."""
     labels = labels.copy()
@@ -247,7 +262,9 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
     settings: optional dict (e.g. a checkpoint's "settings") whose PATCH_SIZE / SW_OVERLAP / SW_BATCH /
     TTA_MIRROR / LARGEST_COMPONENT win over config; explicit keyword arguments win over both.
     HU normalisation uses preprocessing.normalize_hu, i.e. config.HU_CLIP (evaluate/predict set it from
-    the checkpoint). Device: CUDA when available unless given.
+    the checkpoint). Then what training decided on the validation split (use_checkpoint_settings sets it):
+    the organs' logit offsets (config.ORGAN_LOGIT_OFFSET), largest component, presence rule (config.MIN_ORGAN_ML).
+    Device: CUDA when available unless given.
     """
     import preprocessing  # here, not at import time: preprocessing imports heavier things
 
@@ -261,7 +278,7 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
     norm = preprocessing.normalize_hu(np.asarray(hu))  # float32 in [-1, 1]
     logits = predict_logits(model, norm, patch_size, float(pick(overlap, "SW_OVERLAP")),
                             int(pick(sw_batch, "SW_BATCH")), bool(pick(mirror, "TTA_MIRROR")), device)
-    labels = logits_to_labels(logits.numpy())
+    labels = logits_to_labels(offset_logits(logits.numpy()))
     if keep_largest_on(pick(keep_largest, "LARGEST_COMPONENT")):
         labels = largest_component(labels, logits.shape[0])
     if config.PRESENCE_RULE != "off":
@@ -367,6 +384,10 @@ def use_checkpoint_settings(ckpt, quiet=False):
         config.LARGEST_COMPONENT = "on" if ckpt.get("largest_component") else "off"
         if not quiet:
             print(f"largest-component cleanup {config.LARGEST_COMPONENT} (decided on the validation split in training)")
+    config.ORGAN_LOGIT_OFFSET = dict(ckpt.get("logit_offset") or {})  # an older checkpoint has none: 0
+    if not quiet and any(config.ORGAN_LOGIT_OFFSET.values()):
+        print("logit offsets (decided on the validation split): "
+              + ", ".join(f"{o} {v:+g}" for o, v in config.ORGAN_LOGIT_OFFSET.items()))
     if config.PRESENCE_RULE == "auto":
         config.MIN_ORGAN_ML = dict(ckpt.get("min_organ_ml") or {})  # an older checkpoint has none: keep every voxel
         if not quiet and config.MIN_ORGAN_ML:

@@ -199,7 +199,8 @@ def model_evidence(model, ct_img, labels, organs, device):
     """Per organ: mean probability inside the predicted mask, Dice between the prediction and the prediction on
     the left-right mirrored CT (flipped back), and the peak probability anywhere (model space). Plus the HU
     volume in model space and its affine (for the landmark search). One extra forward pass over the CT: of the
-    mirrored CT when STATUS_MIRROR_CHECK, else of the CT itself (then no mirror Dice)."""
+    mirrored CT when STATUS_MIRROR_CHECK, else of the CT itself (then no mirror Dice). Probabilities and the
+    mirrored labels come from the logits with the organs' logit offsets added, as the labels were made."""
     import inference
     import preprocessing
 
@@ -215,6 +216,7 @@ def model_evidence(model, ct_img, labels, organs, device):
                                       int(config.SW_BATCH), False, device).numpy()
     if mirror:
         logits = np.ascontiguousarray(logits[:, ::-1])
+    logits = inference.offset_logits(logits, organs=organs)
     prob = _probabilities(logits)
     other = np.asarray(inference.logits_to_labels(logits))
     mine = preprocessing.prepare_labels({o: (labels == k).astype(np.uint8) for k, o in enumerate(organs, 1)}, geom)

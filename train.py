@@ -144,56 +144,58 @@ def train_one_epoch(model, batches, optimizer, scheduler, scaler, device, show_p
     return float(np.mean(losses))
 
 
+def candidate_offsets():
+    """config.LOGIT_OFFSETS with 0 added, smallest |offset| first (a tie keeps the smaller offset); [0.0] when
+    LOGIT_OFFSET is "off"."""
+    if config.LOGIT_OFFSET not in ("auto", "off"):
+        raise ValueError(f'LOGIT_OFFSET must be "auto" or "off", got {config.LOGIT_OFFSET!r}')
+    grid = config.LOGIT_OFFSETS if config.LOGIT_OFFSET == "auto" else ()
+    return sorted({float(g) for g in grid} | {0.0}, key=lambda g: (abs(g), g))
+
+
 def validate(model, case_ids, device):
     """Sliding-window inference over each whole validation case, in model space.
 
     Dice per organ is averaged over cases where the organ is present in the reference; a case where the
     organ is absent scores nothing but counts as a false organ when anything is predicted. The selection
     score is the mean over organs of the Dice over cases where the organ is in the reference OR the
-    prediction (a false organ scores 0), so empty-vs-empty can never raise it.
+    prediction (a false organ scores 0), so empty-vs-empty can never raise it. These are of the plain
+    argmax; "overlap" holds (reference, predicted, both) voxels per case for every candidate logit offset
+    (added to all organs alike), without and with the largest-component clean-up, for postprocess_decision.
     """
     model.eval()
-    dice = {o: [] for o in config.ORGANS}
-    scored = {o: [] for o in config.ORGANS}
-    scored_lcc = {o: [] for o in config.ORGANS}  # the same with only the largest component per organ
-    false_organs = {o: 0 for o in config.ORGANS}
-    overlap = {False: {o: [] for o in config.ORGANS}, True: {o: [] for o in config.ORGANS}}  # (ref, pred, both)
+    n = len(config.ORGANS)
+    overlap = {g: {keep: {o: [] for o in config.ORGANS} for keep in (False, True)} for g in candidate_offsets()}
     losses = []
     for cid in case_ids:
         folder = Path(config.PROCESSED_DIR) / "cases" / cid
         hu = np.load(folder / "ct.npy")
-        ref = torch.from_numpy(np.load(folder / "label.npy").astype(np.int64))
+        ref = np.load(folder / "label.npy")
         logits = inference.predict_logits(model, preprocessing.normalize_hu(hu.astype(np.float32)),
                                           config.PATCH_SIZE, config.SW_OVERLAP, config.SW_BATCH,
                                           False, device)  # (n, X, Y, Z) on CPU
-        losses.append(dice_ce_loss(logits[None], ref[None]).item())
-        labels = np.asarray(inference.logits_to_labels(logits))
-        pred = torch.as_tensor(labels)
-        pred_lcc = torch.as_tensor(inference.largest_component(labels, len(config.ORGANS)))
-        for k, organ in enumerate(config.ORGANS, start=1):
-            r, p, p_lcc = ref == k, pred == k, pred_lcc == k
-            for lcc, q in ((False, p), (True, p_lcc)):
-                overlap[lcc][organ].append((r.sum().item(), q.sum().item(), (r & q).sum().item()))
-            if r.any():
-                d = 2 * (r & p).sum().item() / (r.sum().item() + p.sum().item())
-                dice[organ].append(d)
-                scored[organ].append(d)
-                scored_lcc[organ].append(2 * (r & p_lcc).sum().item() / (r.sum().item() + p_lcc.sum().item()))
-            elif p.any():
-                false_organs[organ] += 1
-                scored[organ].append(0.0)
-                scored_lcc[organ].append(0.0)
-    mean = {o: (float(np.mean(v)) if v else None) for o, v in dice.items()}
+        losses.append(dice_ce_loss(logits[None], torch.from_numpy(ref.astype(np.int64))[None]).item())
+        for g in overlap:
+            labels = np.asarray(inference.logits_to_labels(logits.numpy() + np.float32(g)))
+            for keep, pred in ((False, labels), (True, inference.largest_component(labels, n))):
+                for k, organ in enumerate(config.ORGANS, start=1):
+                    r, q = ref == k, pred == k
+                    overlap[g][keep][organ].append((int(r.sum()), int(q.sum()), int((r & q).sum())))
+
+    def dice_of(keep, present_only):
+        return {o: [2 * both / (r + p) for r, p, both in overlap[0.0][keep][o] if r or (p and not present_only)]
+                for o in config.ORGANS}
 
     def overall(per_organ):
         means = [float(np.mean(v)) for v in per_organ.values() if v]
         return float(np.mean(means)) if means else None
 
-    score, score_lcc = overall(scored), overall(scored_lcc)
+    mean = {o: (float(np.mean(v)) if v else None) for o, v in dice_of(False, True).items()}
     return {"val_loss": float(np.mean(losses)) if losses else None, "val_dice": mean,
             "val_dice_mean": (float(np.mean([v for v in mean.values() if v is not None]))
                               if any(v is not None for v in mean.values()) else None),
-            "val_false_organs": false_organs, "score": score, "score_largest_component": score_lcc,
+            "val_false_organs": {o: sum(1 for r, p, _ in overlap[0.0][False][o] if p and not r) for o in config.ORGANS},
+            "score": overall(dice_of(False, False)), "score_largest_component": overall(dice_of(True, False)),
             "overlap": overlap}
 
 
@@ -252,27 +254,36 @@ def organ_volume_bounds(case_ids):
 
 
 def postprocess_decision(val, bounds_ml=None):
-    """Clean-up decided on the validation split: (keep largest component, {organ: minimum mL}, score).
+    """Clean-up decided on the validation split: (keep largest component, {organ: logit offset},
+    {organ: minimum mL}, score).
 
-    The minimum is clipped to bounds_ml[organ] (organ_volume_bounds of the training split). The score is the
-    selection score after both rules, so the best checkpoint is the one that is best once cleaned up, and a
+    Per organ, the logit offset (of config.LOGIT_OFFSETS) and the presence minimum that together maximise its
+    validation score; the minimum is clipped to bounds_ml[organ] (organ_volume_bounds of the training split).
+    Each offset was tried on all organs at once, so the score of two organs given different offsets is that of
+    their shared boundary unmoved (close: organs meet the background far more than each other). The score is
+    the selection score after the rules, so the best checkpoint is the one that is best once cleaned up, and a
     false organ the rules remove no longer costs it anything."""
     bounds_ml = bounds_ml or {}
     keep = largest_component_decision(val)
     voxel_ml = float(np.prod(config.TARGET_SPACING)) / 1000.0
-    min_ml, scores = {}, []
+    rank = lambda s: 1.0 if s is None else s  # noqa: E731 (nothing to score: no organ, no false organ)
+    offsets, min_ml, scores = {}, {}, []
     for organ in config.ORGANS:
-        overlaps = val["overlap"][keep][organ]
-        ml, score = presence_decision(overlaps, voxel_ml) if config.PRESENCE_RULE == "auto" else (
-            0.0, _organ_score(overlaps, 0))
-        if config.PRESENCE_RULE == "auto" and organ in bounds_ml:
-            clipped = float(np.clip(ml, *bounds_ml[organ]))
-            if clipped != ml:
-                ml, score = clipped, _organ_score(overlaps, clipped / voxel_ml)
-        min_ml[organ] = round(ml, 3)
-        if score is not None:
-            scores.append(score)
-    return keep, min_ml, (float(np.mean(scores)) if scores else None)
+        best = None
+        for g, per_keep in val["overlap"].items():  # smallest |offset| first: a tie keeps it
+            overlaps = per_keep[keep][organ]
+            ml, score = presence_decision(overlaps, voxel_ml) if config.PRESENCE_RULE == "auto" else (
+                0.0, _organ_score(overlaps, 0))
+            if config.PRESENCE_RULE == "auto" and organ in bounds_ml:
+                clipped = float(np.clip(ml, *bounds_ml[organ]))
+                if clipped != ml:
+                    ml, score = clipped, _organ_score(overlaps, clipped / voxel_ml)
+            if best is None or rank(score) > rank(best[2]) + 1e-9:
+                best = (g, ml, score)
+        offsets[organ], min_ml[organ] = best[0], round(best[1], 3)
+        if best[2] is not None:
+            scores.append(best[2])
+    return keep, offsets, min_ml, (float(np.mean(scores)) if scores else None)
 
 
 def _rng_state():
@@ -380,18 +391,19 @@ def train(resume=False, show_progress=None, stop_after=None):
         if main_rank:
             if epoch % config.VAL_EVERY == 0 or epoch == config.EPOCHS:
                 val = validate(model, splits.get("val") or splits["train"][:2], device)
-                keep, min_ml, score = postprocess_decision(val, bounds_ml)
+                keep, offsets, min_ml, score = postprocess_decision(val, bounds_ml)
                 val.pop("overlap")
-                entry.update(val, score_cleaned=score, min_organ_ml=min_ml)
+                entry.update(val, score_cleaned=score, logit_offset=offsets, min_organ_ml=min_ml)
                 if score is not None and (best["score"] is None or score > best["score"]):
-                    best = {"score": score, "epoch": epoch, "largest_component": keep, "min_organ_ml": min_ml}
+                    best = {"score": score, "epoch": epoch, "largest_component": keep, "logit_offset": offsets,
+                            "min_organ_ml": min_ml}
                     entry["best"] = True
             entry["epoch_time_s"] = time.time() - t0
             ckpt = {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                     "rng": _gather_rng(world), "best": best, "settings": config.settings(),
                     "largest_component": best.get("largest_component", False),
-                    "min_organ_ml": best.get("min_organ_ml", {}),
+                    "logit_offset": best.get("logit_offset", {}), "min_organ_ml": best.get("min_organ_ml", {}),
                     "run": config.run_record(device)}
             # Order matters under kill -9: log line, best, then last. A resume restarts after the last whole
             # checkpoint_last.pth and drops later log lines, so every epoch is logged exactly once and

@@ -181,12 +181,48 @@ def test_presence_bounds_from_the_training_split(tmp_path, monkeypatch):
     assert bounds == {"prostate": (0.0, math.inf), "bladder": (pytest.approx(lo * 12), pytest.approx(hi * 12)),
                       "rectum": (0.0, math.inf)}
     # the floor wins over a smaller validation cut (here 0: nothing false to remove); the true bladder stays
-    val = {"overlap": {False: {"prostate": [], "bladder": [(50, 50, 45), (0, 0, 0)], "rectum": []}},
+    val = {"overlap": {0.0: {False: {"prostate": [], "bladder": [(50, 50, 45), (0, 0, 0)], "rectum": []}}},
            "score": None, "score_largest_component": None}
     monkeypatch.setattr(config, "LARGEST_COMPONENT", "off")
     monkeypatch.setattr(config, "TARGET_SPACING", (10.0, 10.0, 10.0))  # 1 voxel = 1 mL
-    keep, min_ml, score = train.postprocess_decision(val, {"bladder": (1.2, 6.0)})
+    keep, offsets, min_ml, score = train.postprocess_decision(val, {"bladder": (1.2, 6.0)})
     assert keep is False and min_ml["bladder"] == 1.2 and score == pytest.approx(0.9)
+    assert offsets == {"prostate": 0.0, "bladder": 0.0, "rectum": 0.0}
     # ... and the cap wins over a larger one: a 30-voxel false bladder would be cut at ~39 mL, capped at 6 mL
-    val["overlap"][False]["bladder"] = [(50, 50, 45), (0, 30, 0)]
-    assert train.postprocess_decision(val, {"bladder": (1.2, 6.0)})[1]["bladder"] == 6.0
+    val["overlap"][0.0][False]["bladder"] = [(50, 50, 45), (0, 30, 0)]
+    assert train.postprocess_decision(val, {"bladder": (1.2, 6.0)})[2]["bladder"] == 6.0
+
+
+def test_logit_offset_chosen_per_organ_on_the_validation_overlaps(monkeypatch):
+    import train
+    monkeypatch.setattr(config, "LARGEST_COMPONENT", "off")
+    monkeypatch.setattr(config, "TARGET_SPACING", (10.0, 10.0, 10.0))  # 1 voxel = 1 mL
+    # the bladder is under-segmented at offset 0 and right at +1; the prostate is best at 0 (at +1 it grows a
+    # false organ too big for the presence rule's cap); the rectum is the same at every offset: the tie keeps 0
+    per = {0.0: {"prostate": [(40, 38, 36), (0, 0, 0)], "bladder": [(100, 60, 60)], "rectum": [(30, 30, 27)]},
+           1.0: {"prostate": [(40, 44, 38), (0, 20, 0)], "bladder": [(100, 100, 95)], "rectum": [(30, 30, 27)]},
+           -0.5: {"prostate": [(40, 30, 30), (0, 0, 0)], "bladder": [(100, 40, 40)], "rectum": [(30, 30, 27)]}}
+    val = {"overlap": {g: {False: per[g]} for g in (0.0, -0.5, 1.0)}, "score": None, "score_largest_component": None}
+    keep, offsets, min_ml, score = train.postprocess_decision(val, {"prostate": (4.0, 10.0)})
+    assert offsets == {"prostate": 0.0, "bladder": 1.0, "rectum": 0.0}
+    assert score == pytest.approx(np.mean([72 / 78, 190 / 200, 54 / 60]))
+    assert train.candidate_offsets()[0] == 0.0 and sorted(train.candidate_offsets(), key=abs) == train.candidate_offsets()
+    monkeypatch.setattr(config, "LOGIT_OFFSET", "off")
+    assert train.candidate_offsets() == [0.0]
+    monkeypatch.setattr(config, "LOGIT_OFFSET", "of")
+    with pytest.raises(ValueError, match="LOGIT_OFFSET"):
+        train.candidate_offsets()
+
+
+def test_offset_logits_shifts_each_organ_and_grows_it(monkeypatch):
+    import inference
+    logits = np.array([[-0.5, 0.2], [-0.3, -2.0], [-3.0, -3.0]], np.float32)[:, :, None, None]  # (3, 2, 1, 1)
+    assert np.array_equal(inference.logits_to_labels(logits)[:, 0, 0], [0, 1])
+    monkeypatch.setattr(config, "ORGAN_LOGIT_OFFSET", {"bladder": 1.0})
+    out = inference.offset_logits(logits)
+    assert np.allclose(out[1], logits[1] + 1.0) and np.array_equal(out[[0, 2]], logits[[0, 2]])
+    assert np.array_equal(inference.logits_to_labels(out)[:, 0, 0], [2, 1])  # the bladder took the unsure voxel
+    t = inference.offset_logits(torch.from_numpy(logits), {"prostate": -1.0})
+    assert torch.is_tensor(t) and torch.allclose(t[0], torch.from_numpy(logits[0]) - 1.0)
+    monkeypatch.setattr(config, "ORGAN_LOGIT_OFFSET", {})  # an older checkpoint: nothing changes
+    assert inference.offset_logits(logits) is logits
