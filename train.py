@@ -226,14 +226,6 @@ def presence_decision(overlaps, voxel_ml):
     return best[1] * voxel_ml, best[0]
 
 
-def largest_component_decision(val):
-    """Keep only each organ's largest component? Forced by LARGEST_COMPONENT "on"/"off"; with "auto", only
-    when it raises the validation score (recorded in the checkpoint, used by evaluate and predict)."""
-    if config.LARGEST_COMPONENT != "auto":
-        return inference.keep_largest_on(config.LARGEST_COMPONENT)
-    return val["score_largest_component"] is not None and val["score_largest_component"] > val["score"]
-
-
 def organ_volume_bounds(case_ids):
     """{organ: (PRESENCE_BOUNDS[0], PRESENCE_BOUNDS[1]) x the smallest volume (mL) of that organ in these
     cases, organs cut by the scan edge left out}: the presence rule's minimum stays inside these bounds, so it
@@ -257,14 +249,26 @@ def postprocess_decision(val, bounds_ml=None):
     """Clean-up decided on the validation split: (keep largest component, {organ: logit offset},
     {organ: minimum mL}, score).
 
-    Per organ, the logit offset (of config.LOGIT_OFFSETS) and the presence minimum that together maximise its
+    Per organ, the logit offset (of candidate_offsets) and the presence minimum that together maximise its
     validation score; the minimum is clipped to bounds_ml[organ] (organ_volume_bounds of the training split).
-    Each offset was tried on all organs at once, so the score of two organs given different offsets is that of
-    their shared boundary unmoved (close: organs meet the background far more than each other). The score is
-    the selection score after the rules, so the best checkpoint is the one that is best once cleaned up, and a
-    false organ the rules remove no longer costs it anything."""
-    bounds_ml = bounds_ml or {}
-    keep = largest_component_decision(val)
+    Keeping only the largest component is decided with them (LARGEST_COMPONENT "auto": only when it raises the
+    score; "on"/"off" force it): an offset that grows the organ also grows stray pieces. Each offset was tried on
+    all organs at once, so the score of two organs given different offsets is that of their shared boundary
+    unmoved (close: organs meet the background far more than each other). The score is the selection score
+    after the rules, so the best checkpoint is the one that is best once cleaned up, and a false organ the rules
+    remove no longer costs it anything."""
+    options = ((False, True) if config.LARGEST_COMPONENT == "auto"
+               else (inference.keep_largest_on(config.LARGEST_COMPONENT),))
+    best = None
+    for keep in options:
+        offsets, min_ml, score = _organ_decisions(val, keep, bounds_ml or {})
+        if best is None or (score is not None and (best[3] is None or score > best[3] + 1e-9)):
+            best = (keep, offsets, min_ml, score)
+    return best
+
+
+def _organ_decisions(val, keep, bounds_ml):
+    """({organ: logit offset}, {organ: minimum mL}, mean score) for one choice of the largest-component rule."""
     voxel_ml = float(np.prod(config.TARGET_SPACING)) / 1000.0
     rank = lambda s: 1.0 if s is None else s  # noqa: E731 (nothing to score: no organ, no false organ)
     offsets, min_ml, scores = {}, {}, []
@@ -283,7 +287,7 @@ def postprocess_decision(val, bounds_ml=None):
         offsets[organ], min_ml[organ] = best[0], round(best[1], 3)
         if best[2] is not None:
             scores.append(best[2])
-    return keep, offsets, min_ml, (float(np.mean(scores)) if scores else None)
+    return offsets, min_ml, (float(np.mean(scores)) if scores else None)
 
 
 def _rng_state():

@@ -214,6 +214,23 @@ def test_logit_offset_chosen_per_organ_on_the_validation_overlaps(monkeypatch):
         train.candidate_offsets()
 
 
+def test_largest_component_decided_together_with_the_offset(monkeypatch):
+    import train
+    monkeypatch.setattr(config, "TARGET_SPACING", (10.0, 10.0, 10.0))
+    # at offset 0 keeping the largest piece loses (0.80 vs 0.87); at +1 the offset grows stray pieces that it
+    # removes, and that pair is best (0.95): deciding the rule at offset 0 first would have missed it
+    none = {"prostate": [], "rectum": []}
+    val = {"overlap": {0.0: {False: {"bladder": [(100, 80, 78)], **none}, True: {"bladder": [(100, 70, 68)], **none}},
+                       1.0: {False: {"bladder": [(100, 130, 95)], **none}, True: {"bladder": [(100, 100, 95)], **none}}},
+           "score": None, "score_largest_component": None}
+    monkeypatch.setattr(config, "LARGEST_COMPONENT", "auto")
+    keep, offsets, _, score = train.postprocess_decision(val)
+    assert keep is True and offsets["bladder"] == 1.0 and score == pytest.approx(0.95)
+    monkeypatch.setattr(config, "LARGEST_COMPONENT", "off")  # forced: the best offset without it
+    keep, offsets, _, score = train.postprocess_decision(val)
+    assert keep is False and offsets["bladder"] == 0.0 and score == pytest.approx(156 / 180)
+
+
 def test_offset_logits_shifts_each_organ_and_grows_it(monkeypatch):
     import inference
     logits = np.array([[-0.5, 0.2], [-0.3, -2.0], [-3.0, -3.0]], np.float32)[:, :, None, None]  # (3, 2, 1, 1)
