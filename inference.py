@@ -384,7 +384,8 @@ def use_checkpoint_settings(ckpt, quiet=False):
         config.LARGEST_COMPONENT = "on" if ckpt.get("largest_component") else "off"
         if not quiet:
             print(f"largest-component cleanup {config.LARGEST_COMPONENT} (decided on the validation split in training)")
-    config.ORGAN_LOGIT_OFFSET = dict(ckpt.get("logit_offset") or {})  # an older checkpoint has none: 0
+    # an older checkpoint has none (0); --LOGIT_OFFSET=off predicts without them
+    config.ORGAN_LOGIT_OFFSET = dict(ckpt.get("logit_offset") or {}) if config.LOGIT_OFFSET == "auto" else {}
     if not quiet and any(config.ORGAN_LOGIT_OFFSET.values()):
         print("logit offsets (decided on the validation split): "
               + ", ".join(f"{o} {v:+g}" for o, v in config.ORGAN_LOGIT_OFFSET.items()))

@@ -243,3 +243,17 @@ def test_offset_logits_shifts_each_organ_and_grows_it(monkeypatch):
     assert torch.is_tensor(t) and torch.allclose(t[0], torch.from_numpy(logits[0]) - 1.0)
     monkeypatch.setattr(config, "ORGAN_LOGIT_OFFSET", {})  # an older checkpoint: nothing changes
     assert inference.offset_logits(logits) is logits
+
+
+def test_checkpoint_carries_the_logit_offsets(monkeypatch):
+    import inference
+    for name in ("ORGAN_LOGIT_OFFSET", "LOGIT_OFFSET", "LARGEST_COMPONENT", "MIN_ORGAN_ML"):
+        monkeypatch.setattr(config, name, getattr(config, name))  # restored afterwards
+    ckpt = {"settings": {}, "logit_offset": {"bladder": 1.5}}
+    inference.use_checkpoint_settings(ckpt, quiet=True)
+    assert config.ORGAN_LOGIT_OFFSET == {"bladder": 1.5}
+    inference.use_checkpoint_settings({"settings": {}}, quiet=True)  # a checkpoint from before: no offsets
+    assert config.ORGAN_LOGIT_OFFSET == {}
+    monkeypatch.setattr(config, "LOGIT_OFFSET", "off")  # predict without the checkpoint's offsets
+    inference.use_checkpoint_settings(ckpt, quiet=True)
+    assert config.ORGAN_LOGIT_OFFSET == {}
