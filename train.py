@@ -175,28 +175,30 @@ def validate(model, case_ids, device):
                                           config.PATCH_SIZE, config.SW_OVERLAP, config.SW_BATCH,
                                           False, device)  # (n, X, Y, Z) on CPU
         losses.append(dice_ce_loss(logits[None], torch.from_numpy(ref.astype(np.int64))[None]).item())
+        logits = logits.numpy()
+        refs = [(ref == k, int((ref == k).sum())) for k in range(1, n + 1)]
         for g in overlap:
-            labels = np.asarray(inference.logits_to_labels(logits.numpy() + np.float32(g)))
+            shifted = inference.offset_logits(logits, dict.fromkeys(config.ORGANS, g))  # every organ alike
+            labels = np.asarray(inference.logits_to_labels(shifted))
             for keep, pred in ((False, labels), (True, inference.largest_component(labels, n))):
-                for k, organ in enumerate(config.ORGANS, start=1):
-                    r, q = ref == k, pred == k
-                    overlap[g][keep][organ].append((int(r.sum()), int(q.sum()), int((r & q).sum())))
+                for k, (organ, (r, r_sum)) in enumerate(zip(config.ORGANS, refs), start=1):
+                    q = pred == k
+                    overlap[g][keep][organ].append((r_sum, int(q.sum()), int((r & q).sum())))
 
-    def dice_of(keep, present_only):
-        return {o: [2 * both / (r + p) for r, p, both in overlap[0.0][keep][o] if r or (p and not present_only)]
+    def dice_of(present_only):  # of the plain argmax
+        return {o: [2 * both / (r + p) for r, p, both in overlap[0.0][False][o] if r or (p and not present_only)]
                 for o in config.ORGANS}
 
     def overall(per_organ):
         means = [float(np.mean(v)) for v in per_organ.values() if v]
         return float(np.mean(means)) if means else None
 
-    mean = {o: (float(np.mean(v)) if v else None) for o, v in dice_of(False, True).items()}
+    mean = {o: (float(np.mean(v)) if v else None) for o, v in dice_of(True).items()}
     return {"val_loss": float(np.mean(losses)) if losses else None, "val_dice": mean,
             "val_dice_mean": (float(np.mean([v for v in mean.values() if v is not None]))
                               if any(v is not None for v in mean.values()) else None),
             "val_false_organs": {o: sum(1 for r, p, _ in overlap[0.0][False][o] if p and not r) for o in config.ORGANS},
-            "score": overall(dice_of(False, False)), "score_largest_component": overall(dice_of(True, False)),
-            "overlap": overlap}
+            "score": overall(dice_of(False)), "overlap": overlap}
 
 
 def _organ_score(overlaps, min_voxels):
@@ -210,18 +212,22 @@ def _organ_score(overlaps, min_voxels):
     return float(np.mean(scores)) if scores else None
 
 
+def _comparable(score):
+    """A score to compare: None (nothing left to score: no organ, no false organ) ranks as a perfect 1."""
+    return 1.0 if score is None else score
+
+
 def presence_decision(overlaps, voxel_ml):
     """Minimum predicted volume (mL) below which an organ counts as absent, for one organ, decided on the
     validation split: the smallest cut that maximises _organ_score, placed at the geometric middle between the
     predicted volumes it separates (0 = remove nothing). An organ in no validation reference scores None, and
     removing its false predictions then beats keeping them. Returns (mL, score)."""
     vols = sorted({pred for _, pred, _ in overlaps if pred})
-    rank = lambda s: 1.0 if s is None else s  # noqa: E731 (nothing left to score: no false organ)
     best = (_organ_score(overlaps, 0), 0.0)
     for lo, hi in zip(vols, vols[1:] + [None]):  # remove every prediction of <= lo voxels
         score = _organ_score(overlaps, lo + 1)
         cut = (lo * hi) ** 0.5 if hi else 2.0 * lo
-        if rank(score) > rank(best[0]) + 1e-9:
+        if _comparable(score) > _comparable(best[0]) + 1e-9:
             best = (score, cut)
     return best[1] * voxel_ml, best[0]
 
@@ -270,7 +276,6 @@ def postprocess_decision(val, bounds_ml=None):
 def _organ_decisions(val, keep, bounds_ml):
     """({organ: logit offset}, {organ: minimum mL}, mean score) for one choice of the largest-component rule."""
     voxel_ml = float(np.prod(config.TARGET_SPACING)) / 1000.0
-    rank = lambda s: 1.0 if s is None else s  # noqa: E731 (nothing to score: no organ, no false organ)
     offsets, min_ml, scores = {}, {}, []
     for organ in config.ORGANS:
         best = None
@@ -282,7 +287,7 @@ def _organ_decisions(val, keep, bounds_ml):
                 clipped = float(np.clip(ml, *bounds_ml[organ]))
                 if clipped != ml:
                     ml, score = clipped, _organ_score(overlaps, clipped / voxel_ml)
-            if best is None or rank(score) > rank(best[2]) + 1e-9:
+            if best is None or _comparable(score) > _comparable(best[2]) + 1e-9:
                 best = (g, ml, score)
         offsets[organ], min_ml[organ] = best[0], round(best[1], 3)
         if best[2] is not None:

@@ -182,7 +182,7 @@ def test_presence_bounds_from_the_training_split(tmp_path, monkeypatch):
                       "rectum": (0.0, math.inf)}
     # the floor wins over a smaller validation cut (here 0: nothing false to remove); the true bladder stays
     val = {"overlap": {0.0: {False: {"prostate": [], "bladder": [(50, 50, 45), (0, 0, 0)], "rectum": []}}},
-           "score": None, "score_largest_component": None}
+           "score": None}
     monkeypatch.setattr(config, "LARGEST_COMPONENT", "off")
     monkeypatch.setattr(config, "TARGET_SPACING", (10.0, 10.0, 10.0))  # 1 voxel = 1 mL
     keep, offsets, min_ml, score = train.postprocess_decision(val, {"bladder": (1.2, 6.0)})
@@ -202,7 +202,7 @@ def test_logit_offset_chosen_per_organ_on_the_validation_overlaps(monkeypatch):
     per = {0.0: {"prostate": [(40, 38, 36), (0, 0, 0)], "bladder": [(100, 60, 60)], "rectum": [(30, 30, 27)]},
            1.0: {"prostate": [(40, 44, 38), (0, 20, 0)], "bladder": [(100, 100, 95)], "rectum": [(30, 30, 27)]},
            -0.5: {"prostate": [(40, 30, 30), (0, 0, 0)], "bladder": [(100, 40, 40)], "rectum": [(30, 30, 27)]}}
-    val = {"overlap": {g: {False: per[g]} for g in (0.0, -0.5, 1.0)}, "score": None, "score_largest_component": None}
+    val = {"overlap": {g: {False: per[g]} for g in (0.0, -0.5, 1.0)}, "score": None}
     keep, offsets, min_ml, score = train.postprocess_decision(val, {"prostate": (4.0, 10.0)})
     assert offsets == {"prostate": 0.0, "bladder": 1.0, "rectum": 0.0}
     assert score == pytest.approx(np.mean([72 / 78, 190 / 200, 54 / 60]))
@@ -222,7 +222,7 @@ def test_largest_component_decided_together_with_the_offset(monkeypatch):
     none = {"prostate": [], "rectum": []}
     val = {"overlap": {0.0: {False: {"bladder": [(100, 80, 78)], **none}, True: {"bladder": [(100, 70, 68)], **none}},
                        1.0: {False: {"bladder": [(100, 130, 95)], **none}, True: {"bladder": [(100, 100, 95)], **none}}},
-           "score": None, "score_largest_component": None}
+           "score": None}
     monkeypatch.setattr(config, "LARGEST_COMPONENT", "auto")
     keep, offsets, _, score = train.postprocess_decision(val)
     assert keep is True and offsets["bladder"] == 1.0 and score == pytest.approx(0.95)
