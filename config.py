@@ -206,6 +206,15 @@ def settings():
     return out
 
 
+def restore(values):
+    """Set the settings from a settings() dict (e.g. in a spawned worker process, which starts from defaults)."""
+    mod = sys.modules[__name__]
+    for name, value in values.items():
+        default = getattr(mod, name)
+        setattr(mod, name, Path(value) if isinstance(default, Path) else
+                tuple(value) if isinstance(default, tuple) else value)
+
+
 def resolve_profile():
     """'cpu' or 'gpu' from PROFILE ('auto' looks for CUDA)."""
     if PROFILE != "auto":

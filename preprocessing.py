@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import zlib
-from multiprocessing import Pool
+import multiprocessing
 from pathlib import Path
 
 import nibabel as nib
@@ -650,11 +650,8 @@ def _is_done(case_dir, out_case_dir):
 
 
 def _worker(job):
-    """(case_dir, out_case_dir, settings) -> ("done"|"reused", meta) or ("skipped", reason). Runs in a pool."""
-    case_dir, out_case_dir, settings = job
-    for name in ("TARGET_SPACING", "BODY_THRESHOLD_HU", "ORGANS"):  # a spawned worker sees the parent's settings
-        setattr(config, name, tuple(settings[name]) if isinstance(settings[name], list) else settings[name])
-    config.LABEL_VALUES = dict(settings["LABEL_VALUES"])
+    """(case_dir, out_case_dir) -> ("done"|"reused", meta) or ("skipped", reason). Runs in a pool."""
+    case_dir, out_case_dir = job
     meta = _is_done(case_dir, out_case_dir)
     if meta is not None:
         return "reused", meta
@@ -669,8 +666,10 @@ def _worker(job):
         return "skipped", f"{case_dir}: unexpected error ({type(exc).__name__}: {_first_line(exc)}); please report"
 
 
-def _init_worker(threads):
+def _init_worker(threads, settings):
+    """A spawned worker starts from config.py's defaults: give it this run's settings."""
     torch.set_num_threads(threads)
+    config.restore(settings)
 
 
 # --- Dataset: cases, splits, manifest ----------------------------------------------------------------------
@@ -771,16 +770,19 @@ def preprocess(data_root=None, out_dir=None, workers=None):
     except OSError as exc:  # e.g. a path through a regular file, read-only disk
         raise ValueError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from None
     settings = settings_used()
-    jobs = [(str(c), str(out_dir / "cases" / c.name), settings) for c in cases]
+    jobs = [(str(c), str(out_dir / "cases" / c.name)) for c in cases]
     bar = dict(total=len(jobs), desc="preprocess", unit="case", disable=not sys.stderr.isatty())
     if workers <= 1 or len(jobs) == 1:
         results = [_worker(j) for j in tqdm(jobs, **bar)]
     else:
+        # Spawned, not forked: a worker forked from a process whose PyTorch (OpenMP) threads have run (training,
+        # then evaluate preprocessing held-out cases) hangs in its first multi-threaded op.
         threads = max(1, (os.cpu_count() or 1) // workers)
-        with Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(threads,)) as pool:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init_worker,
+                                                       initargs=(threads, config.settings())) as pool:
             results = list(tqdm(pool.imap(_worker, jobs), **bar))
     metas, skipped, run = [], [], dict(processed=0, reused=0, skipped=0)
-    for (case_dir, _, _), (status, payload) in zip(jobs, results):
+    for (case_dir, _), (status, payload) in zip(jobs, results):
         if status == "skipped":
             skipped.append(dict(case_id=Path(case_dir).name, reason=payload))
             run["skipped"] += 1

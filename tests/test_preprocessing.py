@@ -441,6 +441,40 @@ def test_preprocess_outputs_and_idempotency(tmp_path, monkeypatch):
     assert json.loads((out / "splits.json").read_text()) == splits
 
 
+def test_workers_after_pytorch_threads_ran_do_not_hang(tmp_path):
+    """A worker forked after this process ran multi-threaded PyTorch (OpenMP) ops hangs in its own first one
+    (seen in CI: cpu_count // workers = 2 threads each). Run in a child process group, so a hang fails the test."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    _dataset(tmp_path / "data", 2)
+    code = f"""
+import json, os, sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import config, preprocessing as pp
+os.cpu_count = lambda: 4  # two threads per worker, as on a 4-CPU machine
+torch.set_num_threads(2)
+torch.nn.functional.conv3d(torch.rand(1, 4, 24, 24, 24), torch.rand(4, 4, 3, 3, 3))
+config.TARGET_SPACING = (2.5, 2.5, 2.5)
+man = pp.preprocess({str(tmp_path / "data")!r}, {str(tmp_path / "out")!r}, workers=2)
+meta = json.loads(open({str(tmp_path / "out" / "cases" / "BDMAP_00000001" / "meta.json")!r}).read())
+print(json.dumps([man["run"], meta["geom"]["spacing"]]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the pool's workers too
+        proc.communicate()
+        pytest.fail("preprocess with 2 workers hung after PyTorch threads had run in the parent")
+    assert proc.returncode == 0, err[-2000:]
+    run, spacing = json.loads(out.strip().splitlines()[-1])
+    assert run == {"processed": 2, "reused": 0, "skipped": 0}
+    assert spacing == [2.5, 2.5, 2.5]  # the run's setting reached the worker processes
+
+
 def test_preprocess_missing_root_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="data root not found"):
         pp.preprocess(tmp_path / "nope", tmp_path / "out", workers=1)
