@@ -137,6 +137,10 @@ STATUS_ORGAN_Z_MM = {"prostate": (-60.0, 20.0), "bladder": (-40.0, 90.0), "rectu
 STATUS_ORGAN_CENTRE_MM = {"prostate": -35.0, "bladder": 5.0, "rectum": -5.0}  # expected organ centre, mm above
                          # the femoral heads: in the scan and organ not found -> "absent", else "not_imaged"
 STATUS_CLEAR_NOT_IMAGED = True  # remove the prediction of an organ whose region is not in the scan
+STATUS_REGION_MARGIN_MM = 30.0  # region clean-up (inference, validation): a connected piece of an organ whose centre lies
+                               # more than this outside its STATUS_ORGAN_Z_MM range is removed (1e9: off); wider
+                               # than the flag's range, since removing a true organ costs more than flagging it
+                               # (reference centres on 120 phantoms reach 95 mm for an 800 mL bladder)
 STATUS_MIRROR_CHECK = True  # extra pass on the left-right mirrored CT for the mirror and confidence flags
 STATUS_GOOD_DICE = 0.9  # a result with Dice >= this is "good" (threshold fitting, flag measurement)
 STATUS_BAD_DICE = 0.7  # a result with Dice < this (or a false or missed organ) is "bad"

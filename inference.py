@@ -263,10 +263,13 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
     TTA_MIRROR / LARGEST_COMPONENT win over config; explicit keyword arguments win over both.
     HU normalisation uses preprocessing.normalize_hu, i.e. config.HU_CLIP (evaluate/predict set it from
     the checkpoint). Then what training decided on the validation split (use_checkpoint_settings sets it):
-    the organs' logit offsets (config.ORGAN_LOGIT_OFFSET), largest component, presence rule (config.MIN_ORGAN_ML).
+    the organs' logit offsets (config.ORGAN_LOGIT_OFFSET), the region clean-up (status.keep_in_region: pieces far
+    from where the organ lies relative to the femoral heads go), largest component, presence rule
+    (config.MIN_ORGAN_ML).
     Device: CUDA when available unless given.
     """
     import preprocessing  # here, not at import time: preprocessing imports heavier things
+    import status
 
     settings = settings or {}
 
@@ -279,10 +282,12 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
     logits = predict_logits(model, norm, patch_size, float(pick(overlap, "SW_OVERLAP")),
                             int(pick(sw_batch, "SW_BATCH")), bool(pick(mirror, "TTA_MIRROR")), device)
     labels = logits_to_labels(offset_logits(logits.numpy()))
+    spacing = pick(None, "TARGET_SPACING")
+    labels = status.keep_in_region(labels, status.model_space_pelvis(hu, spacing), spacing)
     if keep_largest_on(pick(keep_largest, "LARGEST_COMPONENT")):
         labels = largest_component(labels, logits.shape[0])
     if config.PRESENCE_RULE != "off":
-        voxel_ml = float(np.prod(pick(None, "TARGET_SPACING"))) / 1000.0
+        voxel_ml = float(np.prod(spacing)) / 1000.0
         labels = drop_small_organs(labels, config.MIN_ORGAN_ML, voxel_ml)
     return labels
 

@@ -149,6 +149,34 @@ def find_femoral_heads(hu, affine):
                 z_mm=round(float((world[i, 2] + world[j, 2]) / 2), 1), candidates=int(n))
 
 
+def model_space_pelvis(hu, spacing):
+    """find_femoral_heads on a model-space HU volume (RAS, `spacing` mm): positions in mm from voxel 0."""
+    return find_femoral_heads(hu, np.diag([*map(float, spacing), 1.0]))
+
+
+def keep_in_region(labels, pelvis, spacing, organs=None):
+    """Region clean-up of a model-space label map: with the femoral heads found (model_space_pelvis), remove each
+    organ's connected pieces whose centre lies more than STATUS_REGION_MARGIN_MM outside its STATUS_ORGAN_Z_MM
+    range above the heads (a 'rectum' in the colon, a 'bladder' in the heart). Without them the labels stay as
+    they are (the status rule then calls every organ not imaged). Returns a new array only when it removes."""
+    if not pelvis.get("found"):
+        return labels
+    margin = float(config.STATUS_REGION_MARGIN_MM)
+    out = labels
+    for k, organ in enumerate(organs or config.ORGANS, start=1):
+        mask = labels == k
+        if not mask.any():
+            continue
+        comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+        lo, hi = (pelvis["z_mm"] + d for d in config.STATUS_ORGAN_Z_MM[organ])
+        z = np.asarray(ndimage.center_of_mass(mask, comps, range(1, n + 1))).reshape(-1, 3)[:, 2] * float(spacing[2])
+        outside = np.nonzero((z < lo - margin) | (z > hi + margin))[0] + 1
+        if len(outside):
+            out = out.copy() if out is labels else out
+            out[np.isin(comps, outside)] = 0
+    return out
+
+
 def scan_z_extent(img):
     """(lowest, highest) world z (mm) of the voxel centres of an image's grid."""
     shape = np.asarray(img.shape[:3]) - 1

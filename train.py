@@ -28,6 +28,7 @@ import inference
 import data
 import multi_decoder_model
 import preprocessing
+import status
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +162,8 @@ def validate(model, case_ids, device):
     score is the mean over organs of the Dice over cases where the organ is in the reference OR the
     prediction (a false organ scores 0), so empty-vs-empty can never raise it. These are of the plain
     argmax; "overlap" holds (reference, predicted, both) voxels per case for every candidate logit offset
-    (added to all organs alike), without and with the largest-component clean-up, for postprocess_decision.
+    (added to all organs alike), after the region clean-up (status.keep_in_region, as in inference.segment),
+    without and with the largest-component clean-up, for postprocess_decision.
     """
     model.eval()
     n = len(config.ORGANS)
@@ -177,9 +179,11 @@ def validate(model, case_ids, device):
         losses.append(dice_ce_loss(logits[None], torch.from_numpy(ref.astype(np.int64))[None]).item())
         logits = logits.numpy()
         refs = [(ref == k, int((ref == k).sum())) for k in range(1, n + 1)]
+        pelvis = status.model_space_pelvis(hu, config.TARGET_SPACING)
         for g in overlap:
             shifted = inference.offset_logits(logits, dict.fromkeys(config.ORGANS, g))  # every organ alike
-            labels = np.asarray(inference.logits_to_labels(shifted))
+            labels = status.keep_in_region(np.asarray(inference.logits_to_labels(shifted)), pelvis,
+                                           config.TARGET_SPACING)
             for keep, pred in ((False, labels), (True, inference.largest_component(labels, n))):
                 for k, (organ, (r, r_sum)) in enumerate(zip(config.ORGANS, refs), start=1):
                     q = pred == k
@@ -441,7 +445,6 @@ def train(resume=False, show_progress=None, stop_after=None):
     if world > 1:
         torch.distributed.destroy_process_group()
     if main_rank and best_path.is_file():  # status flags: thresholds fitted on the val split, kept in the checkpoint
-        import status
         status.fit_thresholds_safely(best_path)
     return best_path
 

@@ -84,6 +84,33 @@ def test_no_femoral_heads(kwargs, why):
 
 
 # --- Status -----------------------------------------------------------------------------------
+def test_region_cleanup_removes_pieces_far_from_the_femoral_heads():
+    hu = np.asarray(make_ct().dataobj)  # RAS, SPACING mm: model space; heads at z index 29.5
+    pelvis = status.model_space_pelvis(hu, (SPACING,) * 3)
+    assert pelvis["found"] and abs(pelvis["z_mm"] - 29.5 * SPACING) <= SPACING
+    labels = np.zeros(hu.shape, np.uint8)
+    at = lambda dz: int(round(29.5 + dz / SPACING))  # z index dz mm above the heads
+    k_prostate, k_bladder = config.ORGANS.index("prostate") + 1, config.ORGANS.index("bladder") + 1
+    lo, hi = config.STATUS_ORGAN_Z_MM["prostate"]
+    margin = config.STATUS_REGION_MARGIN_MM
+    for dz in (-30.0, hi + margin - 6, hi + margin + 6):  # expected, just inside the margin, just outside
+        labels[40:44, 40:44, at(dz) - 1:at(dz) + 2] = k_prostate
+    labels[60:64, 40:44, at(config.STATUS_ORGAN_Z_MM["bladder"][0] - margin - 6)] = k_bladder
+    before = labels.copy()
+    out = status.keep_in_region(labels, pelvis, (SPACING,) * 3)
+    kept = ndimage.label(out == k_prostate)[1]
+    assert kept == 2 and not (out[:, :, at(hi + margin + 6)] == k_prostate).any()
+    assert not (out == k_bladder).any() and (labels == before).all()  # the input is left as it was
+
+    none = status.model_space_pelvis(np.asarray(make_ct(heads=()).dataobj), (SPACING,) * 3)
+    assert not none["found"] and status.keep_in_region(labels, none, (SPACING,) * 3) is labels
+    config.STATUS_REGION_MARGIN_MM = 1e9  # off
+    try:
+        assert (status.keep_in_region(labels, pelvis, (SPACING,) * 3) == labels).all()
+    finally:
+        config.STATUS_REGION_MARGIN_MM = margin
+
+
 def test_status_rule_table():
     assert status.organ_status(True, False, True, True) == "present"
     assert status.organ_status(True, True, True, True) == "partially_imaged"
