@@ -182,15 +182,16 @@ PROFILES = {
     # Spatial cross-decoder attention on (as in every profile): `python ablation.py --seeds 0 1 2 --EPOCHS=10`
     # gave mean Dice 0.552 +- 0.085 with it vs 0.466 +- 0.007 without on the test split, 0.396 vs 0.355 on the
     # held-out set (higher on every seed there); see README.
-    # Validation every 10 epochs (the demo: at 10 and 20): one full-volume pass over the val split costs about 1.5
-    # epochs of training; with VAL_EVERY=4 the last epoch was the best in 4 of 5 logged 20-epoch demo runs (the
-    # fifth: epoch 16, score 0.634 vs 0.609), so the three extra passes cost ~70 s of the 10-minute budget for
-    # little choice.
+    # Validation once, after the last epoch: one full-volume pass over the val split costs about 1.5 epochs of
+    # training (47 s on a 2-core AVX2 EPYC without native bf16, where `--all` took 10 min 16 s with a pass at
+    # epoch 10 too); with VAL_EVERY=4 the last epoch was the best in 4 of 5 logged 20-epoch demo runs (the fifth:
+    # epoch 16, score 0.634 vs 0.609); in the AVX2 run epoch 10 scored 0.608, epoch 20 0.740. Validation draws
+    # no random numbers, so the weights are the same either way.
     # Loader workers off: on the 2 cores that also train, two workers made each demo epoch 6 % slower (6.9 vs
     # 6.5 s, `--all` 291 vs 282 s, same Dice; idle Xeon with AMX, 2026-12-02); cutting a 48^3 patch without
     # augmentation is ~1 % of a step, so there is nothing to take off the loop.
     "cpu": dict(TARGET_SPACING=(3.0, 3.0, 3.0), PATCH_SIZE=(48, 48, 48), BATCH_SIZE=2, DEPTH=4,
-                EPOCHS=20, ITERS_PER_EPOCH=50, VAL_EVERY=10, SW_OVERLAP=0.25, SW_BATCH=4, AUGMENT=False,
+                EPOCHS=20, ITERS_PER_EPOCH=50, VAL_EVERY=20, SW_OVERLAP=0.25, SW_BATCH=4, AUGMENT=False,
                 ATTENTION=True, LOADER_WORKERS=0),
 }
 
