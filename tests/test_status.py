@@ -8,6 +8,7 @@ from scipy import ndimage
 import torch
 
 import config
+import inference
 import status
 from test_predict import tiny_checkpoint  # noqa: F401  (fixture)
 
@@ -109,6 +110,41 @@ def test_region_cleanup_removes_pieces_far_from_the_femoral_heads():
         assert (status.keep_in_region(labels, pelvis, (SPACING,) * 3) == labels).all()
     finally:
         config.STATUS_REGION_MARGIN_MM = margin
+
+
+class BoxLogits(torch.nn.Module):
+    """Prostate logit +5 in the given boxes (model voxels), -5 elsewhere; no other organ: a net with known output."""
+
+    def __init__(self, boxes):
+        super().__init__()
+        self.boxes = boxes
+        self.dummy = torch.nn.Parameter(torch.zeros(()))  # predict_logits moves the model and reads its parameters
+
+    def forward(self, x):  # (B, 1, X, Y, Z) -> (B, 3, X, Y, Z); one window covers the whole test volume
+        out = torch.full((x.shape[0], 3) + tuple(x.shape[2:]), -5.0)
+        for box in self.boxes:
+            out[(slice(None), 0) + box] = 5.0
+        return out
+
+
+def test_segment_applies_the_region_clean_up():
+    hu = np.asarray(make_ct().dataobj)  # model space: RAS at SPACING mm, femoral heads at z index 29.5
+    margin = config.STATUS_REGION_MARGIN_MM
+    far = int(round(29.5 + (config.STATUS_ORGAN_Z_MM["prostate"][1] + margin + 6) / SPACING))  # above its range
+    assert far + 4 <= SHAPE[2]
+    near = (slice(45, 55), slice(40, 48), slice(16, 22))  # 20-40 mm below the heads: where a prostate lies
+    high = (slice(45, 60), slice(40, 50), slice(far, far + 4))  # the bigger piece, far above
+    model = BoxLogits([near, high])
+    config.AMP, config.PRESENCE_RULE, config.ORGAN_LOGIT_OFFSET = False, "off", {}
+    kw = dict(patch_size=SHAPE, overlap=0.0, sw_batch=1, mirror=False, device="cpu")
+    labels = inference.segment(model, hu, keep_largest=True, **kw)
+    assert (labels == 1).sum() == 10 * 8 * 6 and (labels[near] == 1).all()  # the far piece went, not the true one
+    config.STATUS_REGION_MARGIN_MM = 1e9  # off: the largest component is now the far piece
+    try:
+        labels = inference.segment(model, hu, keep_largest=True, **kw)
+    finally:
+        config.STATUS_REGION_MARGIN_MM = margin
+    assert (labels == 1).sum() == 15 * 10 * 4 and not (labels[near] == 1).any()
 
 
 def test_status_rule_table():
