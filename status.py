@@ -157,8 +157,9 @@ def model_space_pelvis(hu, spacing):
 def keep_in_region(labels, pelvis, spacing, organs=None):
     """Region clean-up of a model-space label map: with the femoral heads found (model_space_pelvis), remove each
     organ's connected pieces whose centre lies more than STATUS_REGION_MARGIN_MM outside its STATUS_ORGAN_Z_MM
-    range above the heads (a 'rectum' in the colon, a 'bladder' in the heart). Without them the labels stay as
-    they are (the status rule then calls every organ not imaged). Returns a new array only when it removes."""
+    range above the heads (a 'rectum' in the colon, a 'bladder' in a bowel loop of the upper abdomen). Without them
+    the labels stay as they are (the status rule then calls every organ not imaged). Returns a new array only when
+    it removes."""
     if not pelvis.get("found"):
         return labels
     margin = float(config.STATUS_REGION_MARGIN_MM)
