@@ -154,7 +154,12 @@ def model_space_pelvis(hu, spacing):
     return find_femoral_heads(hu, np.diag([*map(float, spacing), 1.0]))
 
 
-def keep_in_region(labels, pelvis, spacing, organs=None):
+def organ_z_range(organ, pelvis):
+    """(low, high) z (mm, the pelvis' frame) where the organ's centre lies: STATUS_ORGAN_Z_MM above the heads."""
+    return tuple(pelvis["z_mm"] + d for d in config.STATUS_ORGAN_Z_MM[organ])
+
+
+def keep_in_region(labels, pelvis, spacing):
     """Region clean-up of a model-space label map: with the femoral heads found (model_space_pelvis), remove each
     organ's connected pieces whose centre lies more than STATUS_REGION_MARGIN_MM outside its STATUS_ORGAN_Z_MM
     range above the heads (a 'rectum' in the colon, a 'bladder' in a bowel loop of the upper abdomen). Without them
@@ -164,12 +169,12 @@ def keep_in_region(labels, pelvis, spacing, organs=None):
         return labels
     margin = float(config.STATUS_REGION_MARGIN_MM)
     out = labels
-    for k, organ in enumerate(organs or config.ORGANS, start=1):
+    for k, organ in enumerate(config.ORGANS, start=1):
         mask = labels == k
         if not mask.any():
             continue
         comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-        lo, hi = (pelvis["z_mm"] + d for d in config.STATUS_ORGAN_Z_MM[organ])
+        lo, hi = organ_z_range(organ, pelvis)
         z = np.asarray(ndimage.center_of_mass(mask, comps, range(1, n + 1))).reshape(-1, 3)[:, 2] * float(spacing[2])
         outside = np.nonzero((z < lo - margin) | (z > hi + margin))[0] + 1
         if len(outside):
@@ -376,7 +381,7 @@ def organ_flags(organ, e, measures, status, thresholds):
             flags.append(_flag("order_rectum", f"not behind the {' and '.join(ahead)} (y)"))
     pelvis = measures["pelvis"]
     if pelvis.get("found"):
-        lo_z, hi_z = (pelvis["z_mm"] + d for d in config.STATUS_ORGAN_Z_MM[organ])
+        lo_z, hi_z = organ_z_range(organ, pelvis)
         if not lo_z <= c[2] <= hi_z:
             flags.append(_flag("outside_region", f"z {c[2] - pelvis['z_mm']:+.0f} mm, expected "
                                f"{lo_z - pelvis['z_mm']:+.0f} to {hi_z - pelvis['z_mm']:+.0f}"))

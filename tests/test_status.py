@@ -105,11 +105,8 @@ def test_region_cleanup_removes_pieces_far_from_the_femoral_heads():
 
     none = status.model_space_pelvis(np.asarray(make_ct(heads=()).dataobj), (SPACING,) * 3)
     assert not none["found"] and status.keep_in_region(labels, none, (SPACING,) * 3) is labels
-    config.STATUS_REGION_MARGIN_MM = 1e9  # off
-    try:
-        assert (status.keep_in_region(labels, pelvis, (SPACING,) * 3) == labels).all()
-    finally:
-        config.STATUS_REGION_MARGIN_MM = margin
+    config.STATUS_REGION_MARGIN_MM = 1e9  # off (conftest restores the settings after each test)
+    assert (status.keep_in_region(labels, pelvis, (SPACING,) * 3) == labels).all()
 
 
 class BoxLogits(torch.nn.Module):
@@ -140,10 +137,7 @@ def test_segment_applies_the_region_clean_up():
     labels = inference.segment(model, hu, keep_largest=True, **kw)
     assert (labels == 1).sum() == 10 * 8 * 6 and (labels[near] == 1).all()  # the far piece went, not the true one
     config.STATUS_REGION_MARGIN_MM = 1e9  # off: the largest component is now the far piece
-    try:
-        labels = inference.segment(model, hu, keep_largest=True, **kw)
-    finally:
-        config.STATUS_REGION_MARGIN_MM = margin
+    labels = inference.segment(model, hu, keep_largest=True, **kw)
     assert (labels == 1).sum() == 15 * 10 * 4 and not (labels[near] == 1).any()
 
 
