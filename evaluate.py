@@ -341,6 +341,7 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None, data
     from tqdm import tqdm
 
     device = inference.pick_device()
+    inference.keep_freed_memory()
     model, ckpt, ckpt_path = inference.load_model(checkpoint, device)
     changed = inference.use_checkpoint_settings(ckpt)
     organs = tuple(ckpt["model_config"].get("organs", config.ORGANS))
@@ -370,8 +371,9 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None, data
     for cid, path, read in tqdm(jobs, desc=f"evaluate {split}", unit="case", disable=not show_progress):
         try:
             case = read(path)
-            pred = inference.predict_case(model, case["ct"], device)
-            pred, assessment = status.assess(case["ct"], pred, model, device, thresholds, organs)
+            prepared = inference.prepare_case(case["ct"])  # resampled CT and femoral heads, for both steps
+            pred = inference.predict_case(model, case["ct"], device, prepared)
+            pred, assessment = status.assess(case["ct"], pred, model, device, thresholds, organs, prepared)
         except (preprocessing.CaseError, FileNotFoundError) as exc:
             failed.append((cid, str(exc)))
             print(f"evaluate: skipped {cid}: {exc}")

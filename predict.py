@@ -226,6 +226,7 @@ def predict_files(paths, out_dir, checkpoint=None, show_progress=None, formats=(
     check_dicom_packages(formats)
     out_dir = check_writable(out_dir)
     device = inference.pick_device()
+    inference.keep_freed_memory()
     model, ckpt, _ = inference.load_model(checkpoint, device)
     inference.use_checkpoint_settings(ckpt)
     organs = tuple(ckpt["model_config"].get("organs", config.ORGANS))
@@ -240,8 +241,9 @@ def predict_files(paths, out_dir, checkpoint=None, show_progress=None, formats=(
             if name in seen:
                 raise preprocessing.CaseError(path, f"case name {name!r} already used by {seen[name]}")
             ct, series = read_input(path)
-            labels = inference.predict_case(model, ct, device)
-            labels, assessment = status.assess(ct, labels, model, device, thresholds, organs)
+            prepared = inference.prepare_case(ct)  # resampled CT and femoral heads, for both steps
+            labels = inference.predict_case(model, ct, device, prepared)
+            labels, assessment = status.assess(ct, labels, model, device, thresholds, organs, prepared)
             original = ct if series is not None else nib.load(str(path))  # header with the file's own qform/sform
             case_dir = out_dir / name
             record = write_outputs(labels, original, case_dir, organs, formats, series, assessment)

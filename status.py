@@ -149,25 +149,21 @@ def find_femoral_heads(hu, affine):
                 z_mm=round(float((world[i, 2] + world[j, 2]) / 2), 1), candidates=int(n))
 
 
-def model_space_pelvis(hu, spacing):
-    """find_femoral_heads on a model-space HU volume (RAS, `spacing` mm): positions in mm from voxel 0."""
-    return find_femoral_heads(hu, np.diag([*map(float, spacing), 1.0]))
-
-
 def organ_z_range(organ, pelvis):
     """(low, high) z (mm, the pelvis' frame) where the organ's centre lies: STATUS_ORGAN_Z_MM above the heads."""
     return tuple(pelvis["z_mm"] + d for d in config.STATUS_ORGAN_Z_MM[organ])
 
 
-def keep_in_region(labels, pelvis, spacing):
-    """Region clean-up of a model-space label map: with the femoral heads found (model_space_pelvis), remove each
-    organ's connected pieces whose centre lies more than STATUS_REGION_MARGIN_MM outside its STATUS_ORGAN_Z_MM
-    range above the heads (a 'rectum' in the colon, a 'bladder' in a bowel loop of the upper abdomen). Without them
-    the labels stay as they are (the status rule then calls every organ not imaged). Returns a new array only when
-    it removes."""
+def keep_in_region(labels, pelvis, affine):
+    """Region clean-up of a model-space label map: with the femoral heads found (find_femoral_heads with the same
+    voxel -> world `affine`), remove each organ's connected pieces whose centre lies more than
+    STATUS_REGION_MARGIN_MM outside its STATUS_ORGAN_Z_MM range above the heads (a 'rectum' in the colon, a
+    'bladder' in a bowel loop of the upper abdomen). Without them the labels stay as they are (the status rule
+    then calls every organ not imaged). Returns a new array only when it removes."""
     if not pelvis.get("found"):
         return labels
     margin = float(config.STATUS_REGION_MARGIN_MM)
+    z_row = np.asarray(affine, float)[2]
     out = labels
     for k, organ in enumerate(config.ORGANS, start=1):
         mask = labels == k
@@ -175,7 +171,7 @@ def keep_in_region(labels, pelvis, spacing):
             continue
         comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
         lo, hi = organ_z_range(organ, pelvis)
-        z = np.asarray(ndimage.center_of_mass(mask, comps, range(1, n + 1))).reshape(-1, 3)[:, 2] * float(spacing[2])
+        z = np.asarray(ndimage.center_of_mass(mask, comps, range(1, n + 1))).reshape(-1, 3) @ z_row[:3] + z_row[3]
         outside = np.nonzero((z < lo - margin) | (z > hi + margin))[0] + 1
         if len(outside):
             out = out.copy() if out is labels else out
@@ -229,17 +225,19 @@ def _probabilities(logits):
     return z[1:]
 
 
-def model_evidence(model, ct_img, labels, organs, device):
+def model_evidence(model, ct_img, labels, organs, device, prepared=None):
     """Per organ: mean probability inside the predicted mask, Dice between the prediction and the prediction on
     the left-right mirrored CT (flipped back), and the peak probability anywhere (model space). Plus the HU
-    volume in model space and its affine (for the landmark search). One extra forward pass over the CT: of the
+    volume in model space, its affine and the femoral heads found in it (prepared: inference.prepare_case(ct_img),
+    when the caller has it already). One extra forward pass over the CT: of the
     mirrored CT when STATUS_MIRROR_CHECK, else of the CT itself (then no mirror Dice). Probabilities and the
     mirrored labels come from the logits with the organs' logit offsets added, as the labels were made."""
     import inference
     import preprocessing
 
-    hu, geom = preprocessing.prepare_ct(ct_img)
-    out = {"hu": hu, "affine": np.asarray(geom["model_affine"]), "organs": {}}
+    prepared = prepared or inference.prepare_case(ct_img)
+    hu, geom = prepared["hu"], prepared["geom"]
+    out = {"hu": hu, "affine": np.asarray(geom["model_affine"]), "pelvis": prepared["pelvis"], "organs": {}}
     if model is None:
         return out
     mirror = bool(config.STATUS_MIRROR_CHECK)
@@ -327,7 +325,7 @@ def raw_measures(ct_img, labels, organs, evidence):
     """Everything the status and flags are decided from, per organ, before any threshold."""
     affine = np.asarray(ct_img.affine)
     voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
-    pelvis = find_femoral_heads(evidence["hu"], evidence["affine"])
+    pelvis = evidence["pelvis"]
     scan_z = scan_z_extent(ct_img)
     out = {"pelvis": pelvis, "scan_z_mm": [round(v, 1) for v in scan_z], "organs": {}}
     for k, organ in enumerate(organs, start=1):
@@ -414,14 +412,15 @@ def decide(measures, thresholds):
     return report
 
 
-def assess(ct_img, labels, model, device, thresholds, organs=None):
+def assess(ct_img, labels, model, device, thresholds, organs=None, prepared=None):
     """(labels with not-imaged organs removed, report) for one CT and its predicted label map (original grid).
+    prepared: inference.prepare_case(ct_img) as predict_case used it (computed here when not given).
 
     report = {"organs": {organ: {"status", "ml", "flags": [{"code", "reason"}], ...}}, "pelvis": {...},
     "scan_z_mm": [lo, hi]}. With STATUS_CLEAR_NOT_IMAGED off the labels are returned as they came.
     """
     organs = tuple(organs or config.ORGANS)
-    evidence = model_evidence(model, ct_img, labels, organs, device)
+    evidence = model_evidence(model, ct_img, labels, organs, device, prepared)
     measures = raw_measures(ct_img, labels, organs, evidence)
     per_organ = decide(measures, thresholds)
     labels = np.asarray(labels)
@@ -712,8 +711,10 @@ def fit_thresholds(checkpoint, split="val", show_progress=None):
         except (preprocessing.CaseError, FileNotFoundError) as exc:
             print(f"status: fit skipped {cid}: {exc}")
             continue
-        labels = inference.predict_case(model, case["ct"], device)
-        measures = raw_measures(case["ct"], labels, organs, model_evidence(model, case["ct"], labels, organs, device))
+        prepared = inference.prepare_case(case["ct"])
+        labels = inference.predict_case(model, case["ct"], device, prepared)
+        measures = raw_measures(case["ct"], labels, organs,
+                                model_evidence(model, case["ct"], labels, organs, device, prepared))
         for k, organ in enumerate(organs, start=1):
             ref = case["masks"].get(organ)
             ref = np.zeros(labels.shape, bool) if ref is None else ref > 0

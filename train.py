@@ -179,11 +179,11 @@ def validate(model, case_ids, device):
         losses.append(dice_ce_loss(logits[None], torch.from_numpy(ref.astype(np.int64))[None]).item())
         logits = logits.numpy()
         refs = [(ref == k, int((ref == k).sum())) for k in range(1, n + 1)]
-        pelvis = status.model_space_pelvis(hu, config.TARGET_SPACING)
+        affine = json.loads((folder / "meta.json").read_text())["geom"]["model_affine"]
+        pelvis = status.find_femoral_heads(hu, np.asarray(affine))
         for g in overlap:
             shifted = inference.offset_logits(logits, dict.fromkeys(config.ORGANS, g))  # every organ alike
-            labels = status.keep_in_region(np.asarray(inference.logits_to_labels(shifted)), pelvis,
-                                           config.TARGET_SPACING)
+            labels = status.keep_in_region(np.asarray(inference.logits_to_labels(shifted)), pelvis, affine)
             for keep, pred in ((False, labels), (True, inference.largest_component(labels, n))):
                 for k, (organ, (r, r_sum)) in enumerate(zip(config.ORGANS, refs), start=1):
                     q = pred == k
@@ -332,6 +332,7 @@ def train(resume=False, show_progress=None, stop_after=None):
     stop_after: end after this epoch as if interrupted (tests of --resume); the schedule still spans EPOCHS.
     """
     rank, world, device = setup_distributed()
+    inference.keep_freed_memory()
     main_rank = rank == 0
     if show_progress is None:
         show_progress = main_rank and sys.stderr.isatty()

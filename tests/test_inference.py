@@ -1,5 +1,7 @@
 """inference.py: tiling logic with trivial predictors (exact), MONAI agreement, label rule, mirror TTA."""
+import subprocess
 import sys
+from pathlib import Path
 import types
 
 import numpy as np
@@ -234,3 +236,24 @@ def test_cuda_out_of_memory_halves_sw_batch_then_falls_back_to_cpu(monkeypatch):
     out = inference.predict_logits(Threshold(), image, (16, 16, 16), 0.5, 4, False, "cuda")
     assert calls == [("cuda", 4), ("cuda", 2), ("cuda", 1), ("cpu", 1)]
     assert out.shape == (3, 17, 16, 16) and out.device.type == "cpu"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
+def test_keep_freed_memory_stops_the_page_faults_of_repeated_large_allocations():
+    script = """
+import resource, sys, numpy as np
+sys.path.insert(0, {repo!r})
+import inference
+if sys.argv[1] == "keep":
+    assert inference.keep_freed_memory()
+def step():  # as a train step: 80 MB of activations alive at once, then all freed
+    live = [np.ones(10 << 20 >> 2, np.float32) for _ in range(8)]
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""".format(repo=str(Path(__file__).resolve().parents[1]))
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("default", "keep")}
+    assert faults["default"] > 10 * 2560 and faults["keep"] < 2560, faults  # 2560 = one 10 MB block in 4 kB pages

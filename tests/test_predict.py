@@ -102,7 +102,7 @@ def test_labels_come_back_in_the_input_orientation(tmp_path, tiny_checkpoint, mo
     import inference
     import predict
 
-    def fake_predict_case(model, ct_img, device):  # label 2 where the world x coordinate (RAS) is largest
+    def fake_predict_case(model, ct_img, device, prepared=None):  # label 2 where the world x coordinate (RAS) is largest
         world_x = nib.affines.apply_affine(ct_img.affine, np.indices(ct_img.shape).reshape(3, -1).T)[:, 0]
         return (world_x.reshape(ct_img.shape) > world_x.max() - 1).astype(np.uint8) * 2
 
@@ -158,7 +158,7 @@ def test_predict_needs_neither_evaluate_nor_train():
         assert not imported & banned, (name, imported & banned)
 
 
-def _fake_predict_case(model, ct_img, device):
+def _fake_predict_case(model, ct_img, device, prepared=None):
     """Bladder (label 2) in a block off the centre, so every DICOM output has a present organ to carry."""
     labels = np.zeros(ct_img.shape, np.uint8)
     labels[3:9, 4:12, 2:7] = 2

@@ -87,7 +87,8 @@ def test_no_femoral_heads(kwargs, why):
 # --- Status -----------------------------------------------------------------------------------
 def test_region_cleanup_removes_pieces_far_from_the_femoral_heads():
     hu = np.asarray(make_ct().dataobj)  # RAS, SPACING mm: model space; heads at z index 29.5
-    pelvis = status.model_space_pelvis(hu, (SPACING,) * 3)
+    grid = np.diag([SPACING] * 3 + [1.0])  # voxel -> mm from voxel 0
+    pelvis = status.find_femoral_heads(hu, grid)
     assert pelvis["found"] and abs(pelvis["z_mm"] - 29.5 * SPACING) <= SPACING
     labels = np.zeros(hu.shape, np.uint8)
     at = lambda dz: int(round(29.5 + dz / SPACING))  # z index dz mm above the heads
@@ -98,15 +99,21 @@ def test_region_cleanup_removes_pieces_far_from_the_femoral_heads():
         labels[40:44, 40:44, at(dz) - 1:at(dz) + 2] = k_prostate
     labels[60:64, 40:44, at(config.STATUS_ORGAN_Z_MM["bladder"][0] - margin - 6)] = k_bladder
     before = labels.copy()
-    out = status.keep_in_region(labels, pelvis, (SPACING,) * 3)
+    out = status.keep_in_region(labels, pelvis, grid)
     kept = ndimage.label(out == k_prostate)[1]
     assert kept == 2 and not (out[:, :, at(hi + margin + 6)] == k_prostate).any()
     assert not (out == k_bladder).any() and (labels == before).all()  # the input is left as it was
+    # the same volume placed elsewhere in the world (a model affine with an offset): heads and pieces move together
+    world = grid.copy()
+    world[:3, 3] = (-120.0, 35.0, -480.0)
+    moved = status.find_femoral_heads(hu, world)
+    assert abs(moved["z_mm"] - (pelvis["z_mm"] - 480.0)) < 1e-6
+    assert (status.keep_in_region(labels, moved, world) == out).all()
 
-    none = status.model_space_pelvis(np.asarray(make_ct(heads=()).dataobj), (SPACING,) * 3)
-    assert not none["found"] and status.keep_in_region(labels, none, (SPACING,) * 3) is labels
+    none = status.find_femoral_heads(np.asarray(make_ct(heads=()).dataobj), grid)
+    assert not none["found"] and status.keep_in_region(labels, none, grid) is labels
     config.STATUS_REGION_MARGIN_MM = 1e9  # off (conftest restores the settings after each test)
-    assert (status.keep_in_region(labels, pelvis, (SPACING,) * 3) == labels).all()
+    assert (status.keep_in_region(labels, pelvis, grid) == labels).all()
 
 
 class BoxLogits(torch.nn.Module):
@@ -413,14 +420,17 @@ def test_true_status_from_meta_or_masks(tmp_path):
 
 
 # --- predict.py: volumes.json schema, console line, preview -----------------------------------------
-def test_predict_writes_status_schema_and_preview(tmp_path, tiny_checkpoint, capsys):  # noqa: F811
+def test_predict_writes_status_schema_and_preview(tmp_path, tiny_checkpoint, capsys, monkeypatch):  # noqa: F811
     import predict
 
     config.AMP, config.SW_OVERLAP, config.SW_BATCH = False, 0.0, 8  # few windows: this test is about the outputs
     src = tmp_path / "scan.nii.gz"
     nib.save(make_ct(flip_x=True, shape=(80, 50, 30)), str(src))
+    searches = []  # the region clean-up (segment) and the status rule (assess) share one search per scan
+    search = status.find_femoral_heads
+    monkeypatch.setattr(status, "find_femoral_heads", lambda *a: searches.append(1) or search(*a))
     done, failed = predict.predict_files([src], tmp_path / "out", tiny_checkpoint, preview=True)
-    assert not failed and len(done) == 1
+    assert not failed and len(done) == 1 and len(searches) == 1
     out = capsys.readouterr().out
     assert "no fitted status thresholds" in out and "predict: scan: prostate " in out
     record = json.loads((tmp_path / "out" / "scan" / "volumes.json").read_text())

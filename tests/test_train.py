@@ -38,7 +38,8 @@ def make_processed(folder, n_cases=4, shape=(36, 34, 33), seed=0):
         np.save(case / "label.npy", label)
         organs = {o: {"present": bool((label == k).any()), "ml": float((label == k).sum()) / 1000.0,
                       "touches_fov_edge": False} for k, o in enumerate(config.ORGANS, start=1)}  # 1 mm voxels
-        (case / "meta.json").write_text(json.dumps({"organs": organs}))  # as preprocessing writes it
+        geom = {"model_affine": np.diag([1.0, 1.0, 1.0, 1.0]).tolist()}  # 1 mm voxels from the origin
+        (case / "meta.json").write_text(json.dumps({"organs": organs, "geom": geom}))  # as preprocessing writes it
     splits = {"seed": 0, "train": ids[:2], "val": ids[2:3], "test": ids[3:]}
     (Path(folder) / "splits.json").write_text(json.dumps(splits))
     return ids
