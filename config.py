@@ -187,11 +187,13 @@ PROFILES = {
     # epoch 10 too); with VAL_EVERY=4 the last epoch was the best in 4 of 5 logged 20-epoch demo runs (the fifth:
     # epoch 16, score 0.634 vs 0.609); in the AVX2 run epoch 10 scored 0.608, epoch 20 0.740. Validation draws
     # no random numbers, so the weights are the same either way.
+    # 24 epochs (20 until 2026-12-06): the time that the one femoral-head search per scan and the malloc setting
+    # (inference.keep_freed_memory) saved went back into training (BENCHMARKS.md, "Demo time, 2026-12-06").
     # Loader workers off: on the 2 cores that also train, two workers made each demo epoch 6 % slower (6.9 vs
     # 6.5 s, `--all` 291 vs 282 s, same Dice; idle Xeon with AMX, 2026-12-02); cutting a 48^3 patch without
     # augmentation is ~1 % of a step, so there is nothing to take off the loop.
     "cpu": dict(TARGET_SPACING=(3.0, 3.0, 3.0), PATCH_SIZE=(48, 48, 48), BATCH_SIZE=2, DEPTH=4,
-                EPOCHS=20, ITERS_PER_EPOCH=50, VAL_EVERY=20, SW_OVERLAP=0.25, SW_BATCH=4, AUGMENT=False,
+                EPOCHS=24, ITERS_PER_EPOCH=50, VAL_EVERY=24, SW_OVERLAP=0.25, SW_BATCH=4, AUGMENT=False,
                 ATTENTION=True, LOADER_WORKERS=0),
 }
 
