@@ -227,9 +227,9 @@ def _probabilities(logits):
 
 def model_evidence(model, ct_img, labels, organs, device, prepared=None):
     """Per organ: mean probability inside the predicted mask, Dice between the prediction and the prediction on
-    the left-right mirrored CT (flipped back), and the peak probability anywhere (model space). Plus the HU
-    volume in model space, its affine and the femoral heads found in it (prepared: inference.prepare_case(ct_img),
-    when the caller has it already). One extra forward pass over the CT: of the
+    the left-right mirrored CT (flipped back), and the peak probability anywhere (model space). Plus the femoral
+    heads found in the model-space CT (prepared: inference.prepare_case(ct_img), when the caller has it already).
+    One extra forward pass over the CT: of the
     mirrored CT when STATUS_MIRROR_CHECK, else of the CT itself (then no mirror Dice). Probabilities and the
     mirrored labels come from the logits with the organs' logit offsets added, as the labels were made."""
     import inference
@@ -237,7 +237,7 @@ def model_evidence(model, ct_img, labels, organs, device, prepared=None):
 
     prepared = prepared or inference.prepare_case(ct_img)
     hu, geom = prepared["hu"], prepared["geom"]
-    out = {"hu": hu, "affine": np.asarray(geom["model_affine"]), "pelvis": prepared["pelvis"], "organs": {}}
+    out = {"pelvis": prepared["pelvis"], "organs": {}}
     if model is None:
         return out
     mirror = bool(config.STATUS_MIRROR_CHECK)
