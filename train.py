@@ -154,7 +154,7 @@ def candidate_offsets():
     return sorted({float(g) for g in grid} | {0.0}, key=lambda g: (abs(g), g))
 
 
-def validate(model, case_ids, device):
+def validate(model, case_ids, device, landmarks=None):
     """Sliding-window inference over each whole validation case, in model space.
 
     Dice per organ is averaged over cases where the organ is present in the reference; a case where the
@@ -164,8 +164,11 @@ def validate(model, case_ids, device):
     argmax; "overlap" holds (reference, predicted, both) voxels per case for every candidate logit offset
     (added to all organs alike), after the region clean-up (status.keep_in_region, as in inference.segment),
     without and with the largest-component clean-up, for postprocess_decision.
+    landmarks: {case id: (model affine, femoral heads)}, filled on first sight and reused by later calls (train()
+    keeps one for the run): a case never changes, and the search costs ~0.8 s a case at every validation.
     """
     model.eval()
+    landmarks = {} if landmarks is None else landmarks
     n = len(config.ORGANS)
     overlap = {g: {keep: {o: [] for o in config.ORGANS} for keep in (False, True)} for g in candidate_offsets()}
     losses = []
@@ -179,8 +182,10 @@ def validate(model, case_ids, device):
         losses.append(dice_ce_loss(logits[None], torch.from_numpy(ref.astype(np.int64))[None]).item())
         logits = logits.numpy()
         refs = [(ref == k, int((ref == k).sum())) for k in range(1, n + 1)]
-        affine = json.loads((folder / "meta.json").read_text())["geom"]["model_affine"]
-        pelvis = status.find_femoral_heads(hu, np.asarray(affine))
+        if cid not in landmarks:
+            affine = json.loads((folder / "meta.json").read_text())["geom"]["model_affine"]
+            landmarks[cid] = (affine, status.find_femoral_heads(hu, np.asarray(affine)))
+        affine, pelvis = landmarks[cid]
         for g in overlap:
             shifted = inference.offset_logits(logits, dict.fromkeys(config.ORGANS, g))  # every organ alike
             labels = status.keep_in_region(np.asarray(inference.logits_to_labels(shifted)), pelvis, affine)
@@ -388,6 +393,7 @@ def train(resume=False, show_progress=None, stop_after=None):
     t_start = time.time()
     # One loader for the whole run: its workers start once and keep making batches while we validate.
     batches = data.batches(sampler, start_epoch, config.EPOCHS, rank, device)
+    val_landmarks = {}  # validate(): femoral heads of each validation case, searched once per run
     for epoch in range(start_epoch + 1, config.EPOCHS + 1):
         t0 = time.time()
         if device.type == "cuda":
@@ -404,7 +410,7 @@ def train(resume=False, show_progress=None, stop_after=None):
                  "val_dice_mean": None, "val_false_organs": None, "best": False}
         if main_rank:
             if epoch % config.VAL_EVERY == 0 or epoch == config.EPOCHS:
-                val = validate(model, splits.get("val") or splits["train"][:2], device)
+                val = validate(model, splits.get("val") or splits["train"][:2], device, val_landmarks)
                 keep, offsets, min_ml, score = postprocess_decision(val, bounds_ml)
                 val.pop("overlap")
                 entry.update(val, score_cleaned=score, logit_offset=offsets, min_organ_ml=min_ml)

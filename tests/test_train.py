@@ -46,7 +46,8 @@ def make_processed(folder, n_cases=4, shape=(36, 34, 33), seed=0):
 
 
 def tiny_settings(monkeypatch, tmp_path, **extra):
-    values = dict(PROCESSED_DIR=tmp_path / "processed", CHECKPOINT_DIR=tmp_path / "checkpoints",
+    values = dict(DATA_ROOT=tmp_path / "data",  # no raw cases: the threshold fit after training skips them
+                  PROCESSED_DIR=tmp_path / "processed", CHECKPOINT_DIR=tmp_path / "checkpoints",
                   LOG_DIR=tmp_path / "logs", PATCH_SIZE=(16, 16, 16), BASE_CHANNELS=4, DEPTH=3, BATCH_SIZE=2,
                   EPOCHS=4, ITERS_PER_EPOCH=3, VAL_EVERY=2, SW_BATCH=2, LR=3e-3)
     values.update(extra)
@@ -130,6 +131,29 @@ def test_resume_refuses_truncated_checkpoint(processed, monkeypatch, tmp_path):
     last.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(ValueError, match="checkpoint_last.pth: not a readable checkpoint"):
         train.train(resume=True, show_progress=False)
+
+
+def test_femoral_heads_of_a_validation_case_searched_once_per_run(processed, monkeypatch, tmp_path):
+    """Two validations in a run (VAL_EVERY=2 of 4 epochs): the landmarks of the one val case are searched
+    once, and each validation uses what a fresh search gives."""
+    tiny_settings(monkeypatch, tmp_path)
+    real, calls = train.status.find_femoral_heads, []
+
+    def counted(hu, affine):
+        calls.append(hu.shape)
+        return real(hu, affine)
+
+    monkeypatch.setattr(train.status, "find_femoral_heads", counted)
+    seen = []
+    real_keep = train.status.keep_in_region
+    monkeypatch.setattr(train.status, "keep_in_region",
+                        lambda labels, pelvis, affine: seen.append(pelvis) or real_keep(labels, pelvis, affine))
+    train.train(show_progress=False)
+    logged = [json.loads(l) for l in (tmp_path / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert sum(e["val_dice_mean"] is not None or e["val_false_organs"] is not None for e in logged) == 2
+    assert calls == [(36, 34, 33)]  # one val case, two validations
+    fresh = real(np.load(processed / "cases" / "BDMAP_00000003" / "ct.npy"), np.eye(4))
+    assert len(seen) == 2 * len(train.candidate_offsets()) and all(p == fresh for p in seen)
 
 
 def test_torchrun_two_processes_gloo(processed, tmp_path):
