@@ -105,6 +105,10 @@ PRESENCE_RULE = "auto"  # "auto": an organ predicted smaller than a minimum volu
 PRESENCE_BOUNDS = (0.1, 0.5)  # the minimum stays between these fractions of the smallest whole organ of the
                               # training split: never keep less than a tenth of it, never drop half of it
 MIN_ORGAN_ML = {}  # that decision (mL per organ, model space); set from the checkpoint by evaluate and predict
+PRESENCE_MIRROR_ORGANS = ("prostate",)  # evaluate and predict (with STATUS_MIRROR_CHECK): such an organ is absent
+    # unless the prediction on the left-right mirrored CT, cleaned up alike, keeps it too. For midline organs only:
+    # on the development phantoms (2 seeds, 24-epoch demo nets) it removed 4 of 10 false prostates and no true one;
+    # applied to the rectum (the sigmoid is not symmetric) it also removed 2 small true ones (README, Results)
 LOGIT_OFFSET = "auto"  # "auto": an offset added to each organ's logit before the argmax, the one of LOGIT_OFFSETS
                       # that maximises the validation score after clean-up, chosen per organ in training and stored
                       # in the checkpoint (an under-segmenting net gets a positive one); "off": none

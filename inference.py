@@ -308,16 +308,25 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
     norm = preprocessing.normalize_hu(np.asarray(hu))  # float32 in [-1, 1]
     logits = predict_logits(model, norm, patch_size, float(pick(overlap, "SW_OVERLAP")),
                             int(pick(sw_batch, "SW_BATCH")), bool(pick(mirror, "TTA_MIRROR")), device)
-    labels = logits_to_labels(offset_logits(logits.numpy()))
     spacing = pick(None, "TARGET_SPACING")
     affine = np.diag([*map(float, spacing), 1.0]) if affine is None else np.asarray(affine, float)
     if pelvis is None:
         pelvis = status.find_femoral_heads(hu, affine)
-    labels = status.keep_in_region(labels, pelvis, affine)
-    if keep_largest_on(pick(keep_largest, "LARGEST_COMPONENT")):
+    return clean_up(logits.numpy(), affine, pelvis, keep_largest_on(pick(keep_largest, "LARGEST_COMPONENT")))
+
+
+def clean_up(logits, affine, pelvis, keep_largest):
+    """Model-space labels from organ logits (n, X, Y, Z) with what training decided applied: the logit offsets,
+    the region clean-up (status.keep_in_region), the largest component per organ when keep_largest, and the
+    presence rule (config.MIN_ORGAN_ML, unless PRESENCE_RULE is "off"). affine: voxel -> world mm, the frame of
+    `pelvis`. segment() and the mirrored pass of status.model_evidence both use it, so the two agree."""
+    import status
+
+    labels = status.keep_in_region(logits_to_labels(offset_logits(logits)), pelvis, affine)
+    if keep_largest:
         labels = largest_component(labels, logits.shape[0])
     if config.PRESENCE_RULE != "off":
-        voxel_ml = float(np.prod(spacing)) / 1000.0
+        voxel_ml = float(abs(np.linalg.det(np.asarray(affine, float)[:3, :3]))) / 1000.0
         labels = drop_small_organs(labels, config.MIN_ORGAN_ML, voxel_ml)
     return labels
 

@@ -227,7 +227,9 @@ def _probabilities(logits):
 
 def model_evidence(model, ct_img, labels, organs, device, prepared=None):
     """Per organ: mean probability inside the predicted mask, Dice between the prediction and the prediction on
-    the left-right mirrored CT (flipped back), and the peak probability anywhere (model space). Plus the femoral
+    the left-right mirrored CT (flipped back), the volume the mirrored prediction keeps after the same clean-up as
+    the labels (inference.clean_up; decide()'s mirror confirmation), and the peak probability anywhere (model
+    space). Plus the femoral
     heads found in the model-space CT (prepared: inference.prepare_case(ct_img), when the caller has it already).
     One extra forward pass over the CT: of the
     mirrored CT when STATUS_MIRROR_CHECK, else of the CT itself (then no mirror Dice). Probabilities and the
@@ -246,13 +248,17 @@ def model_evidence(model, ct_img, labels, organs, device, prepared=None):
         norm = np.ascontiguousarray(norm[::-1])  # x is axis 0 in RAS model space
     logits = inference.predict_logits(model, norm, tuple(config.PATCH_SIZE), float(config.SW_OVERLAP),
                                       int(config.SW_BATCH), False, device).numpy()
+    kept = None
     if mirror:
         logits = np.ascontiguousarray(logits[:, ::-1])
+        kept = inference.clean_up(logits, geom["model_affine"], prepared["pelvis"],
+                                  inference.keep_largest_on(config.LARGEST_COMPONENT))  # as the labels were made
     logits = inference.offset_logits(logits, organs=organs)
     prob = _probabilities(logits)
     other = np.asarray(inference.logits_to_labels(logits))
     mine = preprocessing.prepare_labels({o: (labels == k).astype(np.uint8) for k, o in enumerate(organs, 1)}, geom)
     spacing = np.asarray(geom["model_spacing"], float)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
     smooth = ndimage.gaussian_filter(np.asarray(hu, np.float32), config.STATUS_BONE_SMOOTH_MM / spacing)
     for k, organ in enumerate(organs, start=1):
         m, o = mine == k, other == k
@@ -261,7 +267,8 @@ def model_evidence(model, ct_img, labels, organs, device, prepared=None):
             "edge_leak": edge_leak(smooth, m, spacing),
             "confidence": float(prob[k - 1][m].mean()) if n_m else None,
             "mirror_dice": (2.0 * int((m & o).sum()) / (n_m + n_o) if n_m + n_o else 1.0) if mirror else None,
-            "mirror_ml": n_o * float(np.prod(geom["model_spacing"])) / 1000.0 if mirror else None,
+            "mirror_ml": n_o * voxel_ml if mirror else None,
+            "mirror_kept_ml": int((kept == k).sum()) * voxel_ml if mirror else None,  # after the clean-up
             "peak_probability": float(prob[k - 1].max()),
         }
     return out
@@ -395,39 +402,50 @@ def organ_flags(organ, e, measures, status, thresholds):
     return flags
 
 
+def unconfirmed(organ, e):
+    """True when `organ` must be found again in the left-right mirrored scan (config.PRESENCE_MIRROR_ORGANS) and
+    was not: predicted here, nothing kept there after the same clean-up. False without a mirrored pass."""
+    return organ in config.PRESENCE_MIRROR_ORGANS and e["voxels"] > 0 and e.get("mirror_kept_ml") == 0
+
+
 def decide(measures, thresholds):
-    """{organ: {"status", "flags", "ml", ...}} from raw_measures()."""
+    """{organ: {"status", "flags", "ml", ...}} from raw_measures(). A prediction that is removed (its region not
+    imaged, or not confirmed by the mirrored scan: unconfirmed()) gets "removed_ml" and "removed_because"."""
     found = bool(measures["pelvis"].get("found"))
     report = {}
     for organ, e in measures["organs"].items():
-        status = organ_status(e["voxels"] > 0, e["at_edge"], e["centre_imaged"], found)
-        entry = {"status": status, "ml": e["ml"] if status != "not_imaged" else 0.0,
+        mirror_only = unconfirmed(organ, e)
+        status = organ_status(e["voxels"] > 0 and not mirror_only, e["at_edge"], e["centre_imaged"], found)
+        kept = status in ("present", "partially_imaged")
+        entry = {"status": status, "ml": e["ml"] if kept else 0.0,
                  "flags": organ_flags(organ, e, measures, status, thresholds)}
-        if status == "not_imaged" and e["voxels"]:
-            entry["removed_ml"] = round(e["ml"], 3)  # predicted where its region is not imaged: removed
+        if e["voxels"] and not kept:
+            entry["removed_ml"] = round(e["ml"], 3)
+            entry["removed_because"] = "region_not_imaged" if status == "not_imaged" else "not_in_mirrored_scan"
         for key in ("confidence", "mirror_dice", "edge_leak"):
-            if e.get(key) is not None and status != "not_imaged":
+            if e.get(key) is not None and kept:
                 entry[key] = round(e[key], 4)
         report[organ] = entry
     return report
 
 
 def assess(ct_img, labels, model, device, thresholds, organs=None, prepared=None):
-    """(labels with not-imaged organs removed, report) for one CT and its predicted label map (original grid).
+    """(labels with removed organs cleared, report) for one CT and its predicted label map (original grid): organs
+    whose region is not imaged, and those the mirrored scan does not confirm (decide()).
     prepared: inference.prepare_case(ct_img) as predict_case used it (computed here when not given).
 
     report = {"organs": {organ: {"status", "ml", "flags": [{"code", "reason"}], ...}}, "pelvis": {...},
-    "scan_z_mm": [lo, hi]}. With STATUS_CLEAR_NOT_IMAGED off the labels are returned as they came.
+    "scan_z_mm": [lo, hi]}. With STATUS_CLEAR_NOT_IMAGED off, predictions whose region is not imaged stay.
     """
     organs = tuple(organs or config.ORGANS)
     evidence = model_evidence(model, ct_img, labels, organs, device, prepared)
     measures = raw_measures(ct_img, labels, organs, evidence)
     per_organ = decide(measures, thresholds)
     labels = np.asarray(labels)
-    if config.STATUS_CLEAR_NOT_IMAGED:
-        gone = [k for k, o in enumerate(organs, 1) if per_organ[o]["status"] == "not_imaged" and per_organ[o].get("removed_ml")]
-        if gone:
-            labels = np.where(np.isin(labels, gone), 0, labels).astype(labels.dtype)
+    gone = [k for k, o in enumerate(organs, 1) if per_organ[o].get("removed_because") == "not_in_mirrored_scan"
+            or (config.STATUS_CLEAR_NOT_IMAGED and per_organ[o].get("removed_because") == "region_not_imaged")]
+    if gone:
+        labels = np.where(np.isin(labels, gone), 0, labels).astype(labels.dtype)
     return labels, {"organs": per_organ, "pelvis": measures["pelvis"], "scan_z_mm": measures["scan_z_mm"],
                     "_measures": measures}
 

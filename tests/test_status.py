@@ -187,6 +187,40 @@ def test_assess_each_status_on_hand_made_scans():
     assert np.array_equal(out, labels)
 
 
+def test_a_prostate_the_mirrored_scan_does_not_find_is_absent(monkeypatch):
+    """PRESENCE_MIRROR_ORGANS: a predicted prostate that the mirrored pass does not keep is removed and called
+    absent; kept when the mirrored pass keeps any of it, when there is no mirrored pass, and for other organs."""
+    thresholds = dict(config.STATUS_DEFAULT_THRESHOLDS)
+    img = make_ct()
+    labels = world_box(img, (-15, -10, -50), (15, 15, -20), 1)  # prostate below the heads
+    labels = world_box(img, (-20, 20, 15), (20, 50, 50), 2, labels)  # bladder
+    real = status.model_evidence
+
+    def evidence(kept_ml):
+        def fake(model, ct_img, labels, organs, device, prepared=None):
+            out = real(None, ct_img, labels, organs, device, prepared)  # the landmarks only
+            out["organs"] = {o: {"mirror_kept_ml": kept_ml} for o in organs}
+            return out
+        return fake
+
+    monkeypatch.setattr(status, "model_evidence", evidence(0.0))
+    out, report = status.assess(img, labels, None, "cpu", thresholds)
+    prostate = report["organs"]["prostate"]
+    assert prostate["status"] == "absent" and prostate["ml"] == 0.0
+    assert prostate["removed_because"] == "not_in_mirrored_scan"
+    assert prostate["removed_ml"] == pytest.approx((labels == 1).sum() * 27e-3)
+    assert not (out == 1).any() and np.array_equal(out == 2, labels == 2)  # the bladder is not a midline organ
+    assert report["organs"]["bladder"]["status"] == "present" and "removed_ml" not in report["organs"]["bladder"]
+    for kept_ml in (0.3, None):  # found again (any of it), or no mirrored pass
+        monkeypatch.setattr(status, "model_evidence", evidence(kept_ml))
+        out, report = status.assess(img, labels, None, "cpu", thresholds)
+        assert report["organs"]["prostate"]["status"] == "present" and np.array_equal(out, labels)
+    monkeypatch.setattr(status, "model_evidence", evidence(0.0))
+    config.PRESENCE_MIRROR_ORGANS = ()
+    out, report = status.assess(img, labels, None, "cpu", thresholds)
+    assert report["organs"]["prostate"]["status"] == "present" and np.array_equal(out, labels)
+
+
 # --- Flags ------------------------------------------------------------------------------------
 THRESHOLDS = {"volume_ml": {"prostate": [10.0, 60.0], "bladder": [50.0, 500.0], "rectum": [20.0, 120.0]},
               "min_component_ml": {"prostate": 1.0, "bladder": 2.0, "rectum": 2.0},
@@ -383,6 +417,11 @@ def test_model_evidence_confidence_and_mirror():
     expected = torch.softmax(logits, dim=0)[2].mean().item()  # independent: torch's softmax on the voxels
     assert ev["bladder"]["confidence"] == pytest.approx(expected, rel=1e-4)
     assert ev["bladder"]["mirror_dice"] == pytest.approx(1.0)
+    assert ev["bladder"]["mirror_ml"] > 0 and ev["bladder"]["mirror_kept_ml"] == pytest.approx(ev["bladder"]["mirror_ml"])
+    # the mirrored pass is cleaned up as the labels were: the presence rule removes a bladder smaller than its minimum
+    config.MIN_ORGAN_ML = {"bladder": 2 * ev["bladder"]["mirror_ml"]}
+    again = status.model_evidence(Bright(), img, labels, config.ORGANS, "cpu")["organs"]["bladder"]
+    assert again["mirror_ml"] == ev["bladder"]["mirror_ml"] and again["mirror_kept_ml"] == 0
     assert ev["prostate"]["confidence"] is None and ev["prostate"]["peak_probability"] < 0.01
     # the mask is the ball: its shell leaks only where the 2 mm smoothing blurs the rim into it
     assert 0.0 <= ev["bladder"]["edge_leak"] < 0.5 and ev["prostate"]["edge_leak"] is None
