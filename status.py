@@ -23,6 +23,8 @@ Status rule (the README has the same text):
      grid (its volume is then a lower bound), else `present`. An organ not predicted is `absent` when its
      expected centre, STATUS_ORGAN_CENTRE_MM above the femoral heads' centres, lies inside the scan's z-extent
      (voxel centres), else `not_imaged`. (The flag outside_region uses the wider STATUS_ORGAN_Z_MM.)
+  4. Mirror confirmation: an organ of PRESENCE_MIRROR_ORGANS (the prostate: midline, left-right symmetric) that
+     the prediction on the mirrored CT, cleaned up like the labels, does not keep at all is `absent`, and removed.
 
 Flags: each a short code and a one-line reason (FLAGS). Their thresholds are fitted on the validation split by
 fit_thresholds() (train.py calls it after training; the volume range also holds the training split's whole
