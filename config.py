@@ -106,9 +106,10 @@ PRESENCE_BOUNDS = (0.1, 0.5)  # the minimum stays between these fractions of the
                               # training split: never keep less than a tenth of it, never drop half of it
 MIN_ORGAN_ML = {}  # that decision (mL per organ, model space); set from the checkpoint by evaluate and predict
 PRESENCE_MIRROR_ORGANS = ("prostate",)  # evaluate and predict (with STATUS_MIRROR_CHECK): such an organ is absent
-    # unless the prediction on the left-right mirrored CT, cleaned up alike, keeps it too. For midline organs only:
-    # on the development phantoms (2 seeds, 24-epoch demo nets) it removed 4 of 10 false prostates and no true one;
-    # applied to the rectum (the sigmoid is not symmetric) it also removed 2 small true ones (README, Results)
+    # unless the prediction on the left-right mirrored CT, cleaned up alike (minimum volume included), keeps it too;
+    # () = off. Midline organs only. Three demo nets on the development phantoms: false prostates 12 -> 8, one poor
+    # true one (Dice 0.33) -> missed; test split and held-out set unchanged; on the rectum (the sigmoid is not
+    # symmetric) it removed 2 small true ones (README, status section)
 LOGIT_OFFSET = "auto"  # "auto": an offset added to each organ's logit before the argmax, the one of LOGIT_OFFSETS
                       # that maximises the validation score after clean-up, chosen per organ in training and stored
                       # in the checkpoint (an under-segmenting net gets a positive one); "off": none
