@@ -107,7 +107,7 @@ PRESENCE_BOUNDS = (0.1, 0.5)  # the minimum stays between these fractions of the
 MIN_ORGAN_ML = {}  # that decision (mL per organ, model space); set from the checkpoint by evaluate and predict
 PRESENCE_MIRROR_ORGANS = ("prostate",)  # evaluate and predict (with STATUS_MIRROR_CHECK): such an organ is absent
     # unless the prediction on the left-right mirrored CT, cleaned up alike (minimum volume included), keeps it too;
-    # () = off. Midline organs only. Three demo nets on the development phantoms: false prostates 12 -> 8, one poor
+    # () = off (--PRESENCE_MIRROR_ORGANS=). Midline organs only. Three demo nets on the development phantoms: false prostates 12 -> 8, one poor
     # true one (Dice 0.33) -> missed; test split and held-out set unchanged; on the rectum (the sigmoid is not
     # symmetric) it removed 2 small true ones (README, status section)
 LOGIT_OFFSET = "auto"  # "auto": an offset added to each organ's logit before the argmax, the one of LOGIT_OFFSETS
@@ -260,8 +260,10 @@ def _parse(name, text, default):
         if isinstance(default, Path):
             return Path(text).expanduser()
         if isinstance(default, tuple):
-            parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
             kind = type(default[0]) if default else str
+            if kind is str:  # names or paths: any number of them, "" for none
+                return tuple(p.strip() for p in text.split(",") if p.strip())
+            parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
             values = tuple(kind(p) for p in parts)
             if default and len(values) != len(default):
                 raise ValueError

@@ -20,6 +20,15 @@ def test_overrides_are_typed_and_applied():
     assert applied["EPOCHS"] == 5
 
 
+def test_name_lists_take_any_number_of_names():
+    config.apply_overrides(["--PRESENCE_MIRROR_ORGANS="])
+    assert config.PRESENCE_MIRROR_ORGANS == ()
+    config.apply_overrides(["--PRESENCE_MIRROR_ORGANS=prostate, bladder"])
+    assert config.PRESENCE_MIRROR_ORGANS == ("prostate", "bladder")
+    with pytest.raises(config.SettingError, match="expected tuple"):  # sizes keep their length
+        config.apply_overrides(["--PATCH_SIZE=64,64"])
+
+
 def test_output_root_moves_every_output_folder(tmp_path):
     config.apply_overrides([f"OUTPUT_ROOT={tmp_path}", f"LOG_DIR={tmp_path / 'elsewhere'}"])
     assert config.CHECKPOINT_DIR == tmp_path / "checkpoints" and config.EVAL_DIR == tmp_path / "evaluation_results"
