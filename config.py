@@ -107,9 +107,9 @@ PRESENCE_BOUNDS = (0.1, 0.5)  # the minimum stays between these fractions of the
 MIN_ORGAN_ML = {}  # that decision (mL per organ, model space); set from the checkpoint by evaluate and predict
 PRESENCE_MIRROR_ORGANS = ("prostate",)  # evaluate and predict (with STATUS_MIRROR_CHECK): such an organ is absent
     # unless the prediction on the left-right mirrored CT, cleaned up alike (minimum volume included), keeps it too;
-    # () = off (--PRESENCE_MIRROR_ORGANS=). Midline organs only. Three demo nets on the development phantoms: false prostates 12 -> 8, one poor
-    # true one (Dice 0.33) -> missed; test split and held-out set unchanged; on the rectum (the sigmoid is not
-    # symmetric) it removed 2 small true ones (README, status section)
+    # () = off (--PRESENCE_MIRROR_ORGANS=). Midline organs only. Three demo nets on the development phantoms:
+    # false prostates 12 -> 8, one poor true one (Dice 0.33) missed; test split and held-out set unchanged. On the
+    # rectum (the sigmoid is not symmetric) it removed 2 small true ones (README, status section)
 LOGIT_OFFSET = "auto"  # "auto": an offset added to each organ's logit before the argmax, the one of LOGIT_OFFSETS
                       # that maximises the validation score after clean-up, chosen per organ in training and stored
                       # in the checkpoint (an under-segmenting net gets a positive one); "off": none

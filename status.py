@@ -24,7 +24,8 @@ Status rule (the README has the same text):
      expected centre, STATUS_ORGAN_CENTRE_MM above the femoral heads' centres, lies inside the scan's z-extent
      (voxel centres), else `not_imaged`. (The flag outside_region uses the wider STATUS_ORGAN_Z_MM.)
   4. Mirror confirmation: an organ of PRESENCE_MIRROR_ORGANS (the prostate: midline, left-right symmetric) that
-     the prediction on the mirrored CT, cleaned up like the labels, does not keep at all is `absent`, and removed.
+     the prediction on the mirrored CT does not keep after the same clean-up as the labels (region, largest
+     component, minimum volume: inference.clean_up) is `absent`, and removed.
 
 Flags: each a short code and a one-line reason (FLAGS). Their thresholds are fitted on the validation split by
 fit_thresholds() (train.py calls it after training; the volume range also holds the training split's whole
