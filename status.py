@@ -461,6 +461,8 @@ def console_line(name, organs_report):
         text = f"{organ} {e['ml']:.0f} mL" if s in ("present", "partially_imaged") else f"{organ} {s.replace('_', ' ')}"
         if s == "partially_imaged":
             text += " (cut by the scan edge)"
+        if e.get("removed_because") == "not_in_mirrored_scan":
+            text += f" ({e['removed_ml']:.1f} mL predicted, not found in the mirrored scan)"
         codes = [f["code"] for f in e["flags"]]
         if codes:
             text += f" (flag: {', '.join(codes)})"

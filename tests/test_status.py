@@ -289,6 +289,9 @@ def test_console_line():
               "rectum": {"status": "not_imaged", "ml": 0.0, "flags": []}}
     assert status.console_line("BDMAP_x", organs) == \
         "BDMAP_x: prostate absent, bladder 312 mL (flag: volume_high), rectum not imaged"
+    organs["prostate"].update(removed_ml=9.04, removed_because="not_in_mirrored_scan")
+    assert status.console_line("BDMAP_x", organs).startswith(
+        "BDMAP_x: prostate absent (9.0 mL predicted, not found in the mirrored scan), bladder 312 mL")
 
 
 # --- Thresholds -------------------------------------------------------------------------------
