@@ -281,7 +281,7 @@ def keep_largest_on(value):
 
 
 def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None, sw_batch=None, mirror=None,
-            keep_largest=None, affine=None, pelvis=None):
+            keep_largest=None, affine=None, pelvis=None, logits=None):
     """uint8 label map (X, Y, Z) in model space for an int16 HU volume in model space.
 
     settings: optional dict (e.g. a checkpoint's "settings") whose PATCH_SIZE / SW_OVERLAP / SW_BATCH /
@@ -293,6 +293,8 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
     (config.MIN_ORGAN_ML).
     affine: the volume's voxel -> world mm (geom["model_affine"]; default: TARGET_SPACING from voxel 0), the frame
     of `pelvis`, the femoral heads found in it (status.find_femoral_heads; searched here when not given).
+    logits: the net's organ logits (n, X, Y, Z) of this very volume when the caller has them already (training's
+    last validation pass, for the threshold fit); the sliding window is then skipped.
     Device: CUDA when available unless given.
     """
     import preprocessing  # here, not at import time: preprocessing imports heavier things
@@ -305,14 +307,17 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
 
     patch_size = tuple(pick(patch_size, "PATCH_SIZE"))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    norm = preprocessing.normalize_hu(np.asarray(hu))  # float32 in [-1, 1]
-    logits = predict_logits(model, norm, patch_size, float(pick(overlap, "SW_OVERLAP")),
-                            int(pick(sw_batch, "SW_BATCH")), bool(pick(mirror, "TTA_MIRROR")), device)
+    if logits is None:
+        norm = preprocessing.normalize_hu(np.asarray(hu))  # float32 in [-1, 1]
+        logits = predict_logits(model, norm, patch_size, float(pick(overlap, "SW_OVERLAP")),
+                                int(pick(sw_batch, "SW_BATCH")), bool(pick(mirror, "TTA_MIRROR")), device).numpy()
+    elif tuple(logits.shape[1:]) != tuple(np.shape(hu)):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} for a volume of shape {tuple(np.shape(hu))}")
     spacing = pick(None, "TARGET_SPACING")
     affine = np.diag([*map(float, spacing), 1.0]) if affine is None else np.asarray(affine, float)
     if pelvis is None:
         pelvis = status.find_femoral_heads(hu, affine)
-    return clean_up(logits.numpy(), affine, pelvis, keep_largest_on(pick(keep_largest, "LARGEST_COMPONENT")))
+    return clean_up(np.asarray(logits), affine, pelvis, keep_largest_on(pick(keep_largest, "LARGEST_COMPONENT")))
 
 
 def clean_up(logits, affine, pelvis, keep_largest):
@@ -463,15 +468,16 @@ def prepare_case(ct_img):
     return {"hu": hu, "geom": geom, "pelvis": status.find_femoral_heads(hu, np.asarray(geom["model_affine"]))}
 
 
-def predict_case(model, ct_img, device, prepared=None):
+def predict_case(model, ct_img, device, prepared=None, logits=None):
     """uint8 label map (k = ORGANS.index + 1) on the original grid of the NIfTI image `ct_img`
     (RAS, resample and crop as in preprocessing, segment, then all of it undone). prepared: prepare_case(ct_img),
-    when the caller has it already."""
+    when the caller has it already; logits: the net's logits of prepared["hu"], when the caller has them (segment)."""
     import preprocessing
 
     prepared = prepared or prepare_case(ct_img)
     geom = prepared["geom"]
-    labels = segment(model, prepared["hu"], device=device, affine=geom["model_affine"], pelvis=prepared["pelvis"])
+    labels = segment(model, prepared["hu"], device=device, affine=geom["model_affine"], pelvis=prepared["pelvis"],
+                     logits=logits)
     return preprocessing.restore_labels(labels, geom)
 
 

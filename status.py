@@ -711,9 +711,12 @@ def _dice(a, b):
     return 2.0 * int((a & b).sum()) / n if n else None
 
 
-def fit_thresholds(checkpoint, split="val", show_progress=None):
+def fit_thresholds(checkpoint, split="val", show_progress=None, logits=None):
     """Run the checkpoint over `split` in each case's original geometry, fit the flag thresholds and store them
-    in the checkpoint (atomically) under "status_thresholds"; returns them."""
+    in the checkpoint (atomically) under "status_thresholds"; returns them. logits: {case id: the checkpoint's
+    model-space logits of that case} from training's last validation (the same weights, the same volume:
+    processed/ holds what prepare_case makes), so that pass is not run again; a case whose logits do not match
+    its volume's shape is predicted afresh."""
     import evaluate
     import inference
     import preprocessing
@@ -735,7 +738,10 @@ def fit_thresholds(checkpoint, split="val", show_progress=None):
             print(f"status: fit skipped {cid}: {exc}")
             continue
         prepared = inference.prepare_case(case["ct"])
-        labels = inference.predict_case(model, case["ct"], device, prepared)
+        known = (logits or {}).get(cid)
+        if known is not None and (config.TTA_MIRROR or known.shape[1:] != prepared["hu"].shape):
+            known = None  # validation predicts without mirroring; another volume than the one validated
+        labels = inference.predict_case(model, case["ct"], device, prepared, known)
         measures = raw_measures(case["ct"], labels, organs,
                                 model_evidence(model, case["ct"], labels, organs, device, prepared))
         for k, organ in enumerate(organs, start=1):
@@ -757,12 +763,12 @@ def fit_thresholds(checkpoint, split="val", show_progress=None):
     return thresholds
 
 
-def fit_thresholds_safely(checkpoint, split="val"):
+def fit_thresholds_safely(checkpoint, split="val", logits=None):
     """fit_thresholds() for train.py: a failure costs the fitted thresholds (defaults are used), not the run; the
     settings it takes from the checkpoint are put back afterwards, so training's own config is left as it was."""
     saved = {name: getattr(config, name) for name in dir(config) if name.isupper()}
     try:
-        return fit_thresholds(checkpoint, split)
+        return fit_thresholds(checkpoint, split, logits=logits)
     except (ValueError, OSError, KeyError) as exc:
         print(f"status: flag thresholds not fitted ({exc}); evaluation and prediction will use "
               "config.STATUS_DEFAULT_THRESHOLDS")

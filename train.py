@@ -154,7 +154,7 @@ def candidate_offsets():
     return sorted({float(g) for g in grid} | {0.0}, key=lambda g: (abs(g), g))
 
 
-def validate(model, case_ids, device, landmarks=None):
+def validate(model, case_ids, device, landmarks=None, logits_out=None):
     """Sliding-window inference over each whole validation case, in model space.
 
     Dice per organ is averaged over cases where the organ is present in the reference; a case where the
@@ -166,6 +166,8 @@ def validate(model, case_ids, device, landmarks=None):
     without and with the largest-component clean-up, for postprocess_decision.
     landmarks: {case id: (model affine, femoral heads)}, filled on first sight and reused by later calls (train()
     keeps one for the run): a case never changes, and the search costs ~0.8 s a case at every validation.
+    logits_out: a dict that receives each case's logits (n, X, Y, Z) float32 (train() hands the last validation's to
+    the threshold fit, which would otherwise compute the same pass again).
     """
     model.eval()
     landmarks = {} if landmarks is None else landmarks
@@ -181,6 +183,8 @@ def validate(model, case_ids, device, landmarks=None):
                                           False, device)  # (n, X, Y, Z) on CPU
         losses.append(dice_ce_loss(logits[None], torch.from_numpy(ref.astype(np.int64))[None]).item())
         logits = logits.numpy()
+        if logits_out is not None:
+            logits_out[cid] = logits
         refs = [(ref == k, int((ref == k).sum())) for k in range(1, n + 1)]
         if cid not in landmarks:
             affine = json.loads((folder / "meta.json").read_text())["geom"]["model_affine"]
@@ -394,6 +398,7 @@ def train(resume=False, show_progress=None, stop_after=None):
     # One loader for the whole run: its workers start once and keep making batches while we validate.
     batches = data.batches(sampler, start_epoch, config.EPOCHS, rank, device)
     val_landmarks = {}  # validate(): femoral heads of each validation case, searched once per run
+    last_logits = {}  # the last epoch's validation logits: the threshold fit reuses them when that epoch is the best
     for epoch in range(start_epoch + 1, config.EPOCHS + 1):
         t0 = time.time()
         if device.type == "cuda":
@@ -410,7 +415,8 @@ def train(resume=False, show_progress=None, stop_after=None):
                  "val_dice_mean": None, "val_false_organs": None, "best": False}
         if main_rank:
             if epoch % config.VAL_EVERY == 0 or epoch == config.EPOCHS:
-                val = validate(model, splits.get("val") or splits["train"][:2], device, val_landmarks)
+                val = validate(model, splits.get("val") or splits["train"][:2], device, val_landmarks,
+                               last_logits if epoch == config.EPOCHS else None)
                 keep, offsets, min_ml, score = postprocess_decision(val, bounds_ml)
                 val.pop("overlap")
                 entry.update(val, score_cleaned=score, logit_offset=offsets, min_organ_ml=min_ml)
@@ -452,7 +458,7 @@ def train(resume=False, show_progress=None, stop_after=None):
     if world > 1:
         torch.distributed.destroy_process_group()
     if main_rank and best_path.is_file():  # status flags: thresholds fitted on the val split, kept in the checkpoint
-        status.fit_thresholds_safely(best_path)
+        status.fit_thresholds_safely(best_path, logits=last_logits if best["epoch"] == config.EPOCHS else None)
     return best_path
 
 

@@ -148,6 +148,22 @@ def test_segment_applies_the_region_clean_up():
     assert (labels == 1).sum() == 15 * 10 * 4 and not (labels[near] == 1).any()
 
 
+def test_predict_case_from_logits_already_computed():
+    """predict_case with the logits of the prepared volume (the threshold fit after training gets validation's)
+    gives the labels a fresh pass gives, without running the net; logits of another shape are refused."""
+    config.PATCH_SIZE, config.AMP, config.PRESENCE_RULE = (32, 32, 32), False, "off"
+    img = make_ct(heads=((60.0, 0.0, 0.0),))
+    prepared = inference.prepare_case(img)
+    import preprocessing
+    logits = inference.predict_logits(Bright(), preprocessing.normalize_hu(prepared["hu"]), config.PATCH_SIZE,
+                                      config.SW_OVERLAP, config.SW_BATCH, False, "cpu").numpy()
+    fresh = inference.predict_case(Bright(), img, "cpu", prepared)
+    assert (fresh == 2).sum() > 100
+    assert np.array_equal(inference.predict_case(None, img, "cpu", prepared, logits), fresh)  # None: no net run
+    with pytest.raises(ValueError, match="logits of shape"):
+        inference.predict_case(None, img, "cpu", prepared, logits[:, 1:])
+
+
 def test_status_rule_table():
     assert status.organ_status(True, False, True, True) == "present"
     assert status.organ_status(True, True, True, True) == "partially_imaged"

@@ -156,6 +156,27 @@ def test_femoral_heads_of_a_validation_case_searched_once_per_run(processed, mon
     assert len(seen) == 2 * len(train.candidate_offsets()) and all(p == fresh for p in seen)
 
 
+def test_threshold_fit_gets_the_last_validations_logits(processed, monkeypatch, tmp_path):
+    """The last epoch is the best (its validation is the only one): the fit after training receives that
+    validation's logits, bit for bit those of the saved best checkpoint on the case, so it need not run them again."""
+    tiny_settings(monkeypatch, tmp_path, VAL_EVERY=4)
+    got = {}
+    monkeypatch.setattr(train.status, "fit_thresholds_safely", lambda path, logits=None: got.update(logits=logits))
+    best = train.train(show_progress=False)
+    assert set(got["logits"]) == {"BDMAP_00000003"}
+    import inference
+    import preprocessing
+    model, _, _ = inference.load_model(best, "cpu")
+    hu = np.load(processed / "cases" / "BDMAP_00000003" / "ct.npy")
+    again = inference.predict_logits(model, preprocessing.normalize_hu(hu), config.PATCH_SIZE, config.SW_OVERLAP,
+                                     config.SW_BATCH, False, "cpu").numpy()
+    assert np.array_equal(got["logits"]["BDMAP_00000003"], again)
+    tiny_settings(monkeypatch, tmp_path, EPOCHS=2, VAL_EVERY=1, CHECKPOINT_DIR=tmp_path / "ck2", LOG_DIR=tmp_path / "l2")
+    monkeypatch.setattr(train, "postprocess_decision", lambda val, bounds: (False, {}, {}, 0.5))  # epoch 1 stays best
+    train.train(show_progress=False)
+    assert got["logits"] is None  # the last validation's logits are not the best checkpoint's
+
+
 def test_torchrun_two_processes_gloo(processed, tmp_path):
     env = dict(os.environ, PELVIS_OUTPUT_ROOT=str(tmp_path), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
