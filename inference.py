@@ -317,19 +317,21 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
     affine = np.diag([*map(float, spacing), 1.0]) if affine is None else np.asarray(affine, float)
     if pelvis is None:
         pelvis = status.find_femoral_heads(hu, affine)
-    return clean_up(np.asarray(logits), affine, pelvis, keep_largest_on(pick(keep_largest, "LARGEST_COMPONENT")))
+    logits = np.asarray(logits)
+    return clean_up(logits_to_labels(offset_logits(logits)), logits.shape[0], affine, pelvis,
+                    keep_largest_on(pick(keep_largest, "LARGEST_COMPONENT")))
 
 
-def clean_up(logits, affine, pelvis, keep_largest):
-    """Model-space labels from organ logits (n, X, Y, Z) with what training decided applied: the logit offsets,
-    the region clean-up (status.keep_in_region), the largest component per organ when keep_largest, and the
-    presence rule (config.MIN_ORGAN_ML, unless PRESENCE_RULE is "off"). affine: voxel -> world mm, the frame of
-    `pelvis`. segment() and the mirrored pass of status.model_evidence both use it, so the two agree."""
+def clean_up(labels, n_organs, affine, pelvis, keep_largest):
+    """What training decided, applied to a model-space label map (the argmax of the offset logits): the region
+    clean-up (status.keep_in_region), the largest component per organ when keep_largest, and the presence rule
+    (config.MIN_ORGAN_ML, unless PRESENCE_RULE is "off"). affine: voxel -> world mm, the frame of `pelvis`.
+    segment() and the mirrored pass of status.model_evidence both use it, so the two agree."""
     import status
 
-    labels = status.keep_in_region(logits_to_labels(offset_logits(logits)), pelvis, affine)
+    labels = status.keep_in_region(labels, pelvis, affine)
     if keep_largest:
-        labels = largest_component(labels, logits.shape[0])
+        labels = largest_component(labels, n_organs)
     if config.PRESENCE_RULE != "off":
         voxel_ml = float(abs(np.linalg.det(np.asarray(affine, float)[:3, :3]))) / 1000.0
         labels = drop_small_organs(labels, config.MIN_ORGAN_ML, voxel_ml)

@@ -232,11 +232,10 @@ def model_evidence(model, ct_img, labels, organs, device, prepared=None):
     """Per organ: mean probability inside the predicted mask, Dice between the prediction and the prediction on
     the left-right mirrored CT (flipped back), the volume the mirrored prediction keeps after the same clean-up as
     the labels (inference.clean_up; decide()'s mirror confirmation), and the peak probability anywhere (model
-    space). Plus the femoral
-    heads found in the model-space CT (prepared: inference.prepare_case(ct_img), when the caller has it already).
-    One extra forward pass over the CT: of the
-    mirrored CT when STATUS_MIRROR_CHECK, else of the CT itself (then no mirror Dice). Probabilities and the
-    mirrored labels come from the logits with the organs' logit offsets added, as the labels were made."""
+    space). Plus the femoral heads found in the model-space CT (prepared: inference.prepare_case(ct_img), when the
+    caller has it already). One extra forward pass over the CT: of the mirrored CT when STATUS_MIRROR_CHECK, else
+    of the CT itself (then no mirror Dice). Probabilities and the mirrored labels come from the logits with the
+    organs' logit offsets added, as the labels were made."""
     import inference
     import preprocessing
 
@@ -251,14 +250,13 @@ def model_evidence(model, ct_img, labels, organs, device, prepared=None):
         norm = np.ascontiguousarray(norm[::-1])  # x is axis 0 in RAS model space
     logits = inference.predict_logits(model, norm, tuple(config.PATCH_SIZE), float(config.SW_OVERLAP),
                                       int(config.SW_BATCH), False, device).numpy()
-    kept = None
     if mirror:
         logits = np.ascontiguousarray(logits[:, ::-1])
-        kept = inference.clean_up(logits, geom["model_affine"], prepared["pelvis"],
-                                  inference.keep_largest_on(config.LARGEST_COMPONENT))  # as the labels were made
     logits = inference.offset_logits(logits, organs=organs)
     prob = _probabilities(logits)
     other = np.asarray(inference.logits_to_labels(logits))
+    kept = inference.clean_up(other, len(organs), geom["model_affine"], prepared["pelvis"],
+                              inference.keep_largest_on(config.LARGEST_COMPONENT)) if mirror else None  # as made
     mine = preprocessing.prepare_labels({o: (labels == k).astype(np.uint8) for k, o in enumerate(organs, 1)}, geom)
     spacing = np.asarray(geom["model_spacing"], float)
     voxel_ml = float(np.prod(spacing)) / 1000.0
