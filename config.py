@@ -143,9 +143,10 @@ STATUS_ORGAN_CENTRE_MM = {"prostate": -35.0, "bladder": 5.0, "rectum": -5.0}  # 
                          # the femoral heads: in the scan and organ not found -> "absent", else "not_imaged"
 STATUS_CLEAR_NOT_IMAGED = True  # remove the prediction of an organ whose region is not in the scan
 STATUS_REGION_MARGIN_MM = 30.0  # region clean-up (inference, validation): a connected piece of an organ whose centre lies
-                               # more than this outside its STATUS_ORGAN_Z_MM range is removed (1e9: off); wider
-                               # than the flag's range, since removing a true organ costs more than flagging it
-                               # (reference centres on 120 phantoms reach 95 mm for an 800 mL bladder)
+                               # more than this outside its STATUS_ORGAN_Z_MM range, or this far lateral to a femoral
+                               # head's centre, is removed (1e9: off); wider than the flag's range, since removing a
+                               # true organ costs more than flagging it (reference centres on 120 phantoms reach
+                               # 95 mm for an 800 mL bladder; laterally 40 % of the way from the midpoint to a head)
 STATUS_MIRROR_CHECK = True  # extra pass on the left-right mirrored CT for the mirror and confidence flags
 STATUS_GOOD_DICE = 0.9  # a result with Dice >= this is "good" (threshold fitting, flag measurement)
 STATUS_BAD_DICE = 0.7  # a result with Dice < this (or a false or missed organ) is "bad"

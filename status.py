@@ -161,12 +161,16 @@ def keep_in_region(labels, pelvis, affine):
     """Region clean-up of a model-space label map: with the femoral heads found (find_femoral_heads with the same
     voxel -> world `affine`), remove each organ's connected pieces whose centre lies more than
     STATUS_REGION_MARGIN_MM outside its STATUS_ORGAN_Z_MM range above the heads (a 'rectum' in the colon, a
-    'bladder' in a bowel loop of the upper abdomen). Without them the labels stay as they are (the status rule
-    then calls every organ not imaged). Returns a new array only when it removes."""
+    'bladder' in a bowel loop of the upper abdomen), or more than that margin lateral to a femoral head's centre:
+    the three organs lie in the true pelvis, between the hip joints (a 'rectum' in the skin of the flank, which
+    the largest-component rule could keep in place of a small true one). Without the heads the labels
+    stay as they are (the status rule then calls every organ not imaged). Returns a new array only when it
+    removes."""
     if not pelvis.get("found"):
         return labels
     margin = float(config.STATUS_REGION_MARGIN_MM)
-    z_row = np.asarray(affine, float)[2]
+    rows = np.asarray(affine, float)[:3]
+    heads_x = sorted(h[0] for h in pelvis["heads_mm"])
     out = labels
     for k, organ in enumerate(config.ORGANS, start=1):
         mask = labels == k
@@ -174,8 +178,10 @@ def keep_in_region(labels, pelvis, affine):
             continue
         comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
         lo, hi = organ_z_range(organ, pelvis)
-        z = np.asarray(ndimage.center_of_mass(mask, comps, range(1, n + 1))).reshape(-1, 3) @ z_row[:3] + z_row[3]
-        outside = np.nonzero((z < lo - margin) | (z > hi + margin))[0] + 1
+        voxel = np.asarray(ndimage.center_of_mass(mask, comps, range(1, n + 1))).reshape(-1, 3)
+        x, _, z = (voxel @ rows[:, :3].T + rows[:, 3]).T
+        outside = np.nonzero((z < lo - margin) | (z > hi + margin)
+                             | (x < heads_x[0] - margin) | (x > heads_x[1] + margin))[0] + 1
         if len(outside):
             out = out.copy() if out is labels else out
             out[np.isin(comps, outside)] = 0

@@ -110,6 +110,15 @@ def test_region_cleanup_removes_pieces_far_from_the_femoral_heads():
     assert abs(moved["z_mm"] - (pelvis["z_mm"] - 480.0)) < 1e-6
     assert (status.keep_in_region(labels, moved, world) == out).all()
 
+    # lateral: a piece at the prostate's height is kept up to the margin beyond a femoral head's centre
+    side = np.zeros_like(labels)
+    x_of = lambda mm: int(round(mm / SPACING))  # grid voxel of a grid position (mm)
+    (right_x, *_), (left_x, *_) = pelvis["heads_mm"]
+    for x in (left_x + margin - 6, left_x + margin + 6, right_x - margin - 6):  # inside, outside, outside
+        side[x_of(x) - 1:x_of(x) + 2, 40:43, at(-30.0) - 1:at(-30.0) + 2] = k_prostate
+    kept = status.keep_in_region(side, pelvis, grid) == k_prostate
+    assert ndimage.label(kept)[1] == 1 and kept[x_of(left_x + margin - 6)].any()
+
     none = status.find_femoral_heads(np.asarray(make_ct(heads=()).dataobj), grid)
     assert not none["found"] and status.keep_in_region(labels, none, grid) is labels
     config.STATUS_REGION_MARGIN_MM = 1e9  # off (conftest restores the settings after each test)
