@@ -26,6 +26,9 @@ Status rule (the README has the same text):
   4. Mirror confirmation: an organ of PRESENCE_MIRROR_ORGANS (the prostate: midline, left-right symmetric) that
      the prediction on the mirrored CT does not keep after the same clean-up as the labels (region, largest
      component, minimum volume: inference.clean_up) is `absent`, and removed.
+  5. Anatomical order: a prostate whose centre is not below the bladder's centre (both predicted) is `absent`,
+     and removed. The bladder rests on the prostate; every such 'prostate' on the development phantoms was a
+     false one (a cervix or uterus in a woman's pelvis), no true prostate ever was.
 
 Flags: each a short code and a one-line reason (FLAGS). Their thresholds are fitted on the validation split by
 fit_thresholds() (train.py calls it after training; the volume range also holds the training split's whole
@@ -49,7 +52,6 @@ FLAGS = {  # code -> what it means (the reason printed with it adds the numbers)
     "volume_low": "volume below the range seen in training",
     "volume_high": "volume above the range seen in training",
     "fragmented": "more than one connected component above the size limit",
-    "order_prostate_bladder": "prostate not inferior to the bladder",
     "order_rectum": "rectum not posterior to the prostate and bladder",
     "outside_region": "centre outside the organ's expected height relative to the femoral heads",
     "low_confidence": "low mean probability inside the mask",
@@ -382,10 +384,6 @@ def organ_flags(organ, e, measures, status, thresholds):
         flags.append(_flag("fragmented", f"{len(big)} components of >= {size:.1f} mL"))
     others = measures["organs"]
     c = e["centroid_mm"]
-    if organ in ("prostate", "bladder") and all(others.get(o, {}).get("centroid_mm") for o in ("prostate", "bladder")):
-        if others["prostate"]["centroid_mm"][2] >= others["bladder"]["centroid_mm"][2] and organ == "prostate":
-            flags.append(_flag("order_prostate_bladder", f"prostate centre {others['prostate']['centroid_mm'][2]:.0f}"
-                               f" mm, bladder centre {others['bladder']['centroid_mm'][2]:.0f} mm (z)"))
     if organ == "rectum":
         ahead = [o for o in ("prostate", "bladder") if others.get(o, {}).get("centroid_mm")
                  and others[o]["centroid_mm"][1] <= c[1]]
@@ -415,20 +413,35 @@ def unconfirmed(organ, e):
     return organ in config.PRESENCE_MIRROR_ORGANS and e["voxels"] > 0 and e.get("mirror_kept_ml") == 0
 
 
+def above_bladder(organ, e, measures):
+    """True for a predicted prostate whose centre is not below the predicted bladder's (status rule 5)."""
+    bladder = measures["organs"].get("bladder", {}).get("centroid_mm")
+    return organ == "prostate" and e["voxels"] > 0 and bool(bladder) and e["centroid_mm"][2] >= bladder[2]
+
+
+REMOVED_BECAUSE = {  # removed_because -> what the console line says (region_not_imaged: the status says it)
+    "region_not_imaged": "",
+    "not_in_mirrored_scan": "not found in the mirrored scan",
+    "not_below_bladder": "not below the bladder",
+}
+
+
 def decide(measures, thresholds):
     """{organ: {"status", "flags", "ml", ...}} from raw_measures(). A prediction that is removed (its region not
-    imaged, or not confirmed by the mirrored scan: unconfirmed()) gets "removed_ml" and "removed_because"."""
+    imaged, not confirmed by the mirrored scan: unconfirmed(), or a prostate not below the bladder:
+    above_bladder()) gets "removed_ml" and "removed_because" (REMOVED_BECAUSE)."""
     found = bool(measures["pelvis"].get("found"))
     report = {}
     for organ, e in measures["organs"].items():
-        mirror_only = unconfirmed(organ, e)
-        status = organ_status(e["voxels"] > 0 and not mirror_only, e["at_edge"], e["centre_imaged"], found)
+        veto = ("not_in_mirrored_scan" if unconfirmed(organ, e)
+                else "not_below_bladder" if above_bladder(organ, e, measures) else None)
+        status = organ_status(e["voxels"] > 0 and not veto, e["at_edge"], e["centre_imaged"], found)
         kept = status in ("present", "partially_imaged")
         entry = {"status": status, "ml": e["ml"] if kept else 0.0,
                  "flags": organ_flags(organ, e, measures, status, thresholds)}
         if e["voxels"] and not kept:
             entry["removed_ml"] = round(e["ml"], 3)
-            entry["removed_because"] = "region_not_imaged" if status == "not_imaged" else "not_in_mirrored_scan"
+            entry["removed_because"] = "region_not_imaged" if status == "not_imaged" else veto
         for key in ("confidence", "mirror_dice", "edge_leak"):
             if e.get(key) is not None and kept:
                 entry[key] = round(e[key], 4)
@@ -438,7 +451,8 @@ def decide(measures, thresholds):
 
 def assess(ct_img, labels, model, device, thresholds, organs=None, prepared=None):
     """(labels with removed organs cleared, report) for one CT and its predicted label map (original grid): organs
-    whose region is not imaged, and those the mirrored scan does not confirm (decide()).
+    whose region is not imaged, those the mirrored scan does not confirm and a prostate not below the bladder
+    (decide()).
     prepared: inference.prepare_case(ct_img) as predict_case used it (computed here when not given).
 
     report = {"organs": {organ: {"status", "ml", "flags": [{"code", "reason"}], ...}}, "pelvis": {...},
@@ -449,8 +463,9 @@ def assess(ct_img, labels, model, device, thresholds, organs=None, prepared=None
     measures = raw_measures(ct_img, labels, organs, evidence)
     per_organ = decide(measures, thresholds)
     labels = np.asarray(labels)
-    gone = [k for k, o in enumerate(organs, 1) if per_organ[o].get("removed_because") == "not_in_mirrored_scan"
-            or (config.STATUS_CLEAR_NOT_IMAGED and per_organ[o].get("removed_because") == "region_not_imaged")]
+    why = {o: per_organ[o].get("removed_because") for o in organs}
+    gone = [k for k, o in enumerate(organs, 1)
+            if why[o] and (why[o] != "region_not_imaged" or config.STATUS_CLEAR_NOT_IMAGED)]
     if gone:
         labels = np.where(np.isin(labels, gone), 0, labels).astype(labels.dtype)
     return labels, {"organs": per_organ, "pelvis": measures["pelvis"], "scan_z_mm": measures["scan_z_mm"],
@@ -465,8 +480,8 @@ def console_line(name, organs_report):
         text = f"{organ} {e['ml']:.0f} mL" if s in ("present", "partially_imaged") else f"{organ} {s.replace('_', ' ')}"
         if s == "partially_imaged":
             text += " (cut by the scan edge)"
-        if e.get("removed_because") == "not_in_mirrored_scan":
-            text += f" ({e['removed_ml']:.1f} mL predicted, not found in the mirrored scan)"
+        if REMOVED_BECAUSE.get(e.get("removed_because")):
+            text += f" ({e['removed_ml']:.1f} mL predicted, {REMOVED_BECAUSE[e['removed_because']]})"
         codes = [f["code"] for f in e["flags"]]
         if codes:
             text += f" (flag: {', '.join(codes)})"

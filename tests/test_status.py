@@ -246,6 +246,27 @@ def test_a_prostate_the_mirrored_scan_does_not_find_is_absent(monkeypatch):
     assert report["organs"]["prostate"]["status"] == "present" and np.array_equal(out, labels)
 
 
+def test_a_prostate_not_below_the_bladder_is_absent():
+    """Status rule 5: a predicted prostate whose centre is at or above the bladder's is removed and called absent
+    (with the reason on the console line); below it, or with no bladder predicted, it stays."""
+    thresholds = dict(config.STATUS_DEFAULT_THRESHOLDS)
+    img = make_ct()
+    bladder = world_box(img, (-20, 20, 15), (20, 50, 50), 2)
+    for z, kept in (((-50, -20), True), ((20, 50), False), ((30, 60), False)):  # below, level with, above
+        labels = world_box(img, (-15, -10, z[0]), (15, 15, z[1]), 1, bladder.copy())
+        out, report = status.assess(img, labels, None, "cpu", thresholds)
+        prostate = report["organs"]["prostate"]
+        assert (prostate["status"] == "present") == kept and (out == 1).any() == kept, z
+        assert np.array_equal(out == 2, labels == 2) and report["organs"]["bladder"]["status"] == "present"
+        if not kept:
+            assert prostate["removed_because"] == "not_below_bladder" and prostate["ml"] == 0.0
+            assert prostate["removed_ml"] == pytest.approx((labels == 1).sum() * 27e-3)
+            assert "mL predicted, not below the bladder)" in status.console_line("x", report["organs"])
+    labels = world_box(img, (-15, -10, 20), (15, 15, 50), 1)  # no bladder predicted: nothing to compare with
+    out, report = status.assess(img, labels, None, "cpu", thresholds)
+    assert report["organs"]["prostate"]["status"] == "present" and np.array_equal(out, labels)
+
+
 # --- Flags ------------------------------------------------------------------------------------
 THRESHOLDS = {"volume_ml": {"prostate": [10.0, 60.0], "bladder": [50.0, 500.0], "rectum": [20.0, 120.0]},
               "min_component_ml": {"prostate": 1.0, "bladder": 2.0, "rectum": 2.0},
@@ -282,7 +303,6 @@ def test_good_organs_carry_no_flag():
     ("bladder", organ(700, (0, 20, 20)), "volume_high"),
     ("prostate", organ(4, (0, 10, -30)), "volume_low"),
     ("bladder", organ(200, (0, 20, 20), components_ml=[190.0, 10.0]), "fragmented"),
-    ("prostate", organ(30, (0, 10, 40)), "order_prostate_bladder"),
     ("rectum", organ(60, (0, 30, 0)), "order_rectum"),
     ("bladder", organ(200, (0, 20, 150)), "outside_region"),
     ("rectum", organ(60, (0, -30, 0), confidence=0.5), "low_confidence"),
@@ -292,7 +312,7 @@ def test_good_organs_carry_no_flag():
 def test_each_flag(name, e, code):
     got = flags_of(name, e)
     assert code in got, got
-    assert len(got) == 1 or code == "order_prostate_bladder" and "outside_region" in got  # 40 mm is also high
+    assert len(got) == 1, got
 
 
 def test_flags_of_absent_organs_and_reasons():
