@@ -431,14 +431,19 @@ def decide(measures, thresholds):
     imaged, not confirmed by the mirrored scan: unconfirmed(), or a prostate not below the bladder:
     above_bladder()) gets "removed_ml" and "removed_because" (REMOVED_BECAUSE)."""
     found = bool(measures["pelvis"].get("found"))
+    vetoes = {organ: "not_in_mirrored_scan" if unconfirmed(organ, e)
+              else "not_below_bladder" if above_bladder(organ, e, measures) else None
+              for organ, e in measures["organs"].items()}
+    # the other organs' order flags compare with the organs that stay
+    staying = dict(measures, organs={o: dict(e, centroid_mm=None) if vetoes[o] else e
+                                     for o, e in measures["organs"].items()})
     report = {}
     for organ, e in measures["organs"].items():
-        veto = ("not_in_mirrored_scan" if unconfirmed(organ, e)
-                else "not_below_bladder" if above_bladder(organ, e, measures) else None)
+        veto = vetoes[organ]
         status = organ_status(e["voxels"] > 0 and not veto, e["at_edge"], e["centre_imaged"], found)
         kept = status in ("present", "partially_imaged")
         entry = {"status": status, "ml": e["ml"] if kept else 0.0,
-                 "flags": organ_flags(organ, e, measures, status, thresholds)}
+                 "flags": organ_flags(organ, e, staying, status, thresholds)}
         if e["voxels"] and not kept:
             entry["removed_ml"] = round(e["ml"], 3)
             entry["removed_because"] = "region_not_imaged" if status == "not_imaged" else veto

@@ -262,6 +262,12 @@ def test_a_prostate_not_below_the_bladder_is_absent():
             assert prostate["removed_because"] == "not_below_bladder" and prostate["ml"] == 0.0
             assert prostate["removed_ml"] == pytest.approx((labels == 1).sum() * 27e-3)
             assert "mL predicted, not below the bladder)" in status.console_line("x", report["organs"])
+    # a rectum behind the bladder is not flagged for lying in front of the removed 'prostate'
+    labels = world_box(img, (-15, -60, 30), (15, -40, 60), 1, bladder.copy())  # above the bladder, behind the rectum
+    labels = world_box(img, (-15, -10, -50), (15, 10, -10), 3, labels)  # rectum: behind the bladder
+    _, report = status.assess(img, labels, None, "cpu", thresholds)
+    assert report["organs"]["prostate"]["removed_because"] == "not_below_bladder"
+    assert "order_rectum" not in [f["code"] for f in report["organs"]["rectum"]["flags"]]
     labels = world_box(img, (-15, -10, 20), (15, 15, 50), 1)  # no bladder predicted: nothing to compare with
     out, report = status.assess(img, labels, None, "cpu", thresholds)
     assert report["organs"]["prostate"]["status"] == "present" and np.array_equal(out, labels)
