@@ -14,9 +14,10 @@ Status rule (the README has the same text):
      (Euclidean distance to the nearest non-bone voxel, mm) has a local maximum of STATUS_FEMORAL_HEAD_RADIUS_MM
      at the centre of a head, and the ball of that radius holds cortical bone (95th percentile HU >=
      STATUS_CORTICAL_HU). A pair of such maxima on either side of the body's midline, at the same height and
-     depth, STATUS_FEMORAL_HEAD_SEPARATION_MM apart, is the pelvis. The heads are the thickest bone of the body
-     and come in a pair at a fixed distance, which vertebrae (one, in the midline), ribs (thin) and humeral heads
-     (further apart) do not.
+     depth, STATUS_FEMORAL_HEAD_SEPARATION_MM apart, and in the front part of the body's depth
+     (STATUS_FEMORAL_HEAD_MIN_FRONT: not where the kidneys lie), is the pelvis. The heads are the thickest bone
+     of the body and come in a pair at a fixed distance, which vertebrae (one, in the midline), ribs (thin) and
+     humeral heads (further apart) do not.
   2. No pelvis in the scan: every organ is `not_imaged` and its prediction is removed (a bladder in a chest
      scan is not a bladder).
   3. Pelvis found: an organ predicted on the CT grid is `partially_imaged` when its mask touches a face of the
@@ -142,6 +143,15 @@ def find_femoral_heads(hu, affine):
             mid = np.array([(xs.min() + xs.max()) / 2.0, (idx[i, 1] + idx[j, 1]) / 2.0, k])
             centre_x = float(affine[0, :3] @ mid + affine[0, 3])  # world x of the body's left-right middle
             if abs((a[0] + b[0]) / 2 - centre_x) > config.STATUS_MIDLINE_TOLERANCE_MM:
+                continue
+            # front to back: the body's extent in y through the heads' midpoint, at their height
+            col = int(np.clip(np.round((idx[i, 0] + idx[j, 0]) / 2), 0, hu.shape[0] - 1))
+            ys = np.nonzero(body[col, :, k])[0]
+            if not len(ys):
+                continue
+            ends = [float(affine[1, :3] @ np.array([col, y, k]) + affine[1, 3]) for y in (ys.min(), ys.max())]
+            front = ((a[1] + b[1]) / 2 - min(ends)) / max(abs(ends[1] - ends[0]), 1e-6)
+            if front < config.STATUS_FEMORAL_HEAD_MIN_FRONT:
                 continue
             score = min(radius[i], radius[j])
             if best is None or score > best[0]:

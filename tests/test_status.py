@@ -70,6 +70,13 @@ def test_femoral_heads_found_in_a_noisy_scan():
     assert not status.find_femoral_heads(noisy, img.affine)["found"]
 
 
+def test_a_pair_in_the_back_of_the_body_passes_only_without_the_front_share():
+    """The pair of test_no_femoral_heads' kidney case is femoral heads in every other respect."""
+    back = make_ct(heads=((-88.0, -60.0, 0.0), (88.0, -60.0, 0.0)))
+    config.STATUS_FEMORAL_HEAD_MIN_FRONT = 0.0
+    assert status.find_femoral_heads(np.asarray(back.dataobj), back.affine)["found"]
+
+
 @pytest.mark.parametrize("kwargs, why", [
     (dict(heads=((-88.0, 0.0, 0.0),)), "one ball is not a pair"),
     (dict(heads=((-140.0, 0.0, 0.0), (140.0, 0.0, 0.0)), shape=(120, 80, 60)), "too far apart (shoulders)"),
@@ -78,6 +85,7 @@ def test_femoral_heads_found_in_a_noisy_scan():
     (dict(rim_hu=200, core_hu=200), "no cortical rim (an enhanced kidney)"),
     (dict(heads=((-10.0, 0.0, 0.0), (160.0, 0.0, 0.0)), shape=(120, 80, 60)), "not either side of the midline"),
     (dict(heads=()), "no bone at all"),
+    (dict(heads=((-88.0, -60.0, 0.0), (88.0, -60.0, 0.0))), "in the back fifth of the body (enhanced kidneys' place)"),
 ])
 def test_no_femoral_heads(kwargs, why):
     img = make_ct(**kwargs)
