@@ -144,11 +144,15 @@ def find_femoral_heads(hu, affine):
             centre_x = float(affine[0, :3] @ mid + affine[0, 3])  # world x of the body's left-right middle
             if abs((a[0] + b[0]) / 2 - centre_x) > config.STATUS_MIDLINE_TOLERANCE_MM:
                 continue
-            # front to back: the body's extent in y through the heads' midpoint, at their height
+            # front to back: the body's extent in y through the heads' midpoint, at their height (gas inside the
+            # body filled; a table beneath the back, apart from the body, left out)
             col = int(np.clip(np.round((idx[i, 0] + idx[j, 0]) / 2), 0, hu.shape[0] - 1))
-            ys = np.nonzero(body[col, :, k])[0]
-            if not len(ys):
+            row = int(np.clip(np.round((idx[i, 1] + idx[j, 1]) / 2), 0, hu.shape[1] - 1))
+            column = ndimage.binary_fill_holes(body[:, :, k])[col]
+            if not column[row]:
                 continue
+            runs, _ = ndimage.label(column)
+            ys = np.nonzero(runs == runs[row])[0]
             ends = [float(affine[1, :3] @ np.array([col, y, k]) + affine[1, 3]) for y in (ys.min(), ys.max())]
             front = ((a[1] + b[1]) / 2 - min(ends)) / max(abs(ends[1] - ends[0]), 1e-6)
             if front < config.STATUS_FEMORAL_HEAD_MIN_FRONT:

@@ -70,6 +70,18 @@ def test_femoral_heads_found_in_a_noisy_scan():
     assert not status.find_femoral_heads(noisy, img.affine)["found"]
 
 
+def test_a_table_under_the_back_is_not_body_for_the_front_share():
+    """A pair at 0.42 of the body's depth stays rejected when a table lies 10 mm beneath the back (with the table
+    counted as body it would sit at 0.47)."""
+    img = make_ct(heads=((-88.0, -15.0, 0.0), (88.0, -15.0, 0.0)))
+    hu = np.asarray(img.dataobj).copy()
+    table = world_box(img, (-150, -118, -100), (150, -110, 100), 1).astype(bool)
+    hu[table] = 300
+    assert not status.find_femoral_heads(hu, img.affine)["found"]
+    config.STATUS_FEMORAL_HEAD_MIN_FRONT = 0.3
+    assert status.find_femoral_heads(hu, img.affine)["found"]
+
+
 def test_a_pair_in_the_back_of_the_body_passes_only_without_the_front_share():
     """The pair of test_no_femoral_heads' kidney case is femoral heads in every other respect."""
     back = make_ct(heads=((-88.0, -60.0, 0.0), (88.0, -60.0, 0.0)))
