@@ -297,7 +297,6 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
     last validation pass, for the threshold fit); the sliding window is then skipped.
     Device: CUDA when available unless given.
     """
-    import preprocessing  # here, not at import time: preprocessing imports heavier things
     import status
 
     settings = settings or {}
@@ -305,12 +304,9 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
     def pick(value, name):
         return value if value is not None else settings.get(name, getattr(config, name))
 
-    patch_size = tuple(pick(patch_size, "PATCH_SIZE"))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if logits is None:
-        norm = preprocessing.normalize_hu(np.asarray(hu))  # float32 in [-1, 1]
-        logits = predict_logits(model, norm, patch_size, float(pick(overlap, "SW_OVERLAP")),
-                                int(pick(sw_batch, "SW_BATCH")), bool(pick(mirror, "TTA_MIRROR")), device).numpy()
+        logits = net_logits(model, hu, device, pick(patch_size, "PATCH_SIZE"), pick(overlap, "SW_OVERLAP"),
+                            pick(sw_batch, "SW_BATCH"), pick(mirror, "TTA_MIRROR"))
     elif tuple(logits.shape[1:]) != tuple(np.shape(hu)):
         raise ValueError(f"logits of shape {tuple(logits.shape)} for a volume of shape {tuple(np.shape(hu))}")
     spacing = pick(None, "TARGET_SPACING")
@@ -320,6 +316,19 @@ def segment(model, hu, settings=None, device=None, patch_size=None, overlap=None
     logits = np.asarray(logits)
     return clean_up(logits_to_labels(offset_logits(logits)), logits.shape[0], affine, pelvis,
                     keep_largest_on(pick(keep_largest, "LARGEST_COMPONENT")))
+
+
+def net_logits(model, hu, device=None, patch_size=None, overlap=None, sw_batch=None, mirror=None):
+    """The net's organ logits (n, X, Y, Z) float32 numpy of an int16 HU volume in model space: sliding window
+    with config's PATCH_SIZE / SW_OVERLAP / SW_BATCH / TTA_MIRROR unless given; CUDA when available unless given."""
+    import preprocessing  # here, not at import time: preprocessing imports heavier things
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    norm = preprocessing.normalize_hu(np.asarray(hu))  # float32 in [-1, 1]
+    return predict_logits(model, norm, tuple(patch_size or config.PATCH_SIZE),
+                          float(config.SW_OVERLAP if overlap is None else overlap),
+                          int(sw_batch or config.SW_BATCH), bool(config.TTA_MIRROR if mirror is None else mirror),
+                          device).numpy()
 
 
 def clean_up(labels, n_organs, affine, pelvis, keep_largest):
@@ -472,15 +481,18 @@ def prepare_case(ct_img):
 
 def predict_case(model, ct_img, device, prepared=None, logits=None):
     """uint8 label map (k = ORGANS.index + 1) on the original grid of the NIfTI image `ct_img`
-    (RAS, resample and crop as in preprocessing, segment, then all of it undone). prepared: prepare_case(ct_img),
-    when the caller has it already; logits: the net's logits of prepared["hu"], when the caller has them (segment)."""
+    (RAS, resample and crop as in preprocessing, segment, then all of it undone; the organs' boundaries from their
+    offset logits, preprocessing.restore_labels). prepared: prepare_case(ct_img), when the caller has it already;
+    logits: the net's logits of prepared["hu"], when the caller has them (segment)."""
     import preprocessing
 
     prepared = prepared or prepare_case(ct_img)
     geom = prepared["geom"]
+    if logits is None:
+        logits = net_logits(model, prepared["hu"], device)
     labels = segment(model, prepared["hu"], device=device, affine=geom["model_affine"], pelvis=prepared["pelvis"],
                      logits=logits)
-    return preprocessing.restore_labels(labels, geom)
+    return preprocessing.restore_labels(labels, geom, offset_logits(np.asarray(logits)))
 
 
 if __name__ == "__main__":

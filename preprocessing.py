@@ -50,6 +50,7 @@ AFFINE_TOL_ROT = 1e-4  # mask vs CT: direction cosines may differ by this much
 OVERLAP_PRIORITY = ("prostate", "rectum", "bladder")
 MASK_THRESHOLD = 0.5  # float probability masks and interpolated one-hot labels are cut here
 VOLUME_THRESHOLD_RANGE = (0.3, 0.7)  # how far a resampled organ's cut may move to keep its volume
+LOGIT_FLOOR = -20.0  # restore_labels: an organ's logit beyond the voxels next to what the label map keeps of it
 
 
 class CaseError(ValueError):
@@ -441,29 +442,31 @@ def _bbox(mask):
     return box
 
 
-def _bbox_block(mask, offset, grid_shape):
-    """(bool block, origin) covering mask's object plus one zero voxel, on a grid of grid_shape where mask is
-    known from `offset` on (zero elsewhere); None when the mask is empty."""
+def _bbox_block(mask, offset, grid_shape, values=None, fill=0.0):
+    """(float32 block, origin) covering mask's object plus one voxel of `fill`, on a grid of grid_shape where mask
+    is known from `offset` on (`fill` elsewhere); the block holds the mask (0/1), or `values` (an array of the
+    mask's shape) where the mask is set. None when the mask is empty."""
     obj = _bbox(mask)
     if obj is None:
         return None
     lo = [max(0, a + o - 1) for (a, _), o in zip(obj, offset)]
     hi = [min(s, b + o + 1) for (_, b), o, s in zip(obj, offset, grid_shape)]
-    block = np.zeros([h - l for l, h in zip(lo, hi)], dtype=np.float32)
+    block = np.full([h - l for l, h in zip(lo, hi)], fill, dtype=np.float32)
     src = tuple(slice(max(l - o, 0), min(h - o, m)) for l, h, o, m in zip(lo, hi, offset, mask.shape))
     dst = tuple(slice(s.start + o - l, s.stop + o - l) for s, o, l in zip(src, offset, lo))
-    block[dst] = mask[src]
+    block[dst] = mask[src] if values is None else np.where(mask[src], values[src], fill)
     return block, lo
 
 
-def _labelwise(blocks, src_shape, dst_box, scale_src_per_dst):
+def _labelwise(blocks, src_shape, dst_box, scale_src_per_dst, cut=MASK_THRESHOLD):
     """Label-wise linear resampling onto dst_box ([[lo, hi), ...] of the destination grid) -> uint8.
 
-    blocks: {k: (float32 0/1 block, origin) on the source grid}. Each organ's one-hot is interpolated linearly
-    on its own bounding box only (cheap); a voxel takes the organ with the largest value if it is above the
-    organ's threshold. The threshold is MASK_THRESHOLD moved (within VOLUME_THRESHOLD_RANGE) so that the organ
-    keeps its volume: a plain 0.5 cut shrinks thin or curved organs by 1-3 % at 3 mm (linear interpolation
-    rounds off convex corners), a matched cut keeps them within ~0.5 % and costs one np.partition per organ.
+    blocks: {k: (float32 block, origin) on the source grid}, each organ's one-hot (0/1) or its logit. Each is
+    interpolated linearly on its own bounding box only (cheap); a voxel takes the organ with the largest value
+    if that is above `cut`. One-hot blocks (cut MASK_THRESHOLD): the cut is moved (within
+    VOLUME_THRESHOLD_RANGE) so that the organ keeps its volume: a plain 0.5 cut shrinks thin or curved organs by
+    1-3 % at 3 mm (linear interpolation rounds off convex corners), a matched cut keeps them within ~0.5 % and
+    costs one np.partition per organ. Logit blocks (cut 0, the background's logit) are taken as they come.
     scale_src_per_dst[ax] = source voxels per destination voxel; indices follow the module's edge-aligned
     convention.
     """
@@ -472,7 +475,7 @@ def _labelwise(blocks, src_shape, dst_box, scale_src_per_dst):
     dst_of = lambda ax, j: (j + 0.5) / r[ax] - 0.5
     out_shape = [hi - lo for lo, hi in dst_box]
     label = np.zeros(out_shape, dtype=np.uint8)
-    best = np.full(out_shape, MASK_THRESHOLD, dtype=np.float32)
+    best = np.full(out_shape, cut, dtype=np.float32)
     for k, (block, origin) in blocks.items():
         lo, hi, clipped = [], [], False
         for ax in range(3):
@@ -485,10 +488,10 @@ def _labelwise(blocks, src_shape, dst_box, scale_src_per_dst):
         if any(h <= l for l, h in zip(lo, hi)):
             continue
         offset = [src_of(ax, lo[ax]) - origin[ax] for ax in range(3)]
-        # 'nearest' only matters at true grid edges: elsewhere the block already ends in a zero layer
+        # 'nearest' only matters at true grid edges: elsewhere the block already ends in a zero (or floor) layer
         prob = ndimage.affine_transform(block, r, offset=offset, output_shape=tuple(h - l for l, h in zip(lo, hi)),
                                         order=1, mode="nearest")
-        if not clipped:  # the whole organ is in view: match its volume
+        if cut == MASK_THRESHOLD and not clipped:  # a whole organ's one-hot: match its volume
             n_keep = int(round(float(block.sum()) / float(np.prod(r))))
             flat = prob.ravel()
             if 0 < n_keep < flat.size:
@@ -521,27 +524,39 @@ def prepare_labels(masks, geom):
     return _labelwise(blocks, geom["ras_shape"], box, [1.0 / s for s in geom["scale"]])
 
 
-def restore_labels(label_map, geom):
+def restore_labels(label_map, geom, logits=None):
     """uint8 label map in model space (shape geom["model_shape"]) -> uint8 label map on the ORIGINAL grid
     (shape geom["original_shape"], axis order of the original file; save it with the original affine).
 
-    Undoes the crop (outside it = background), the resampling (label-wise linear; exact when no resampling
-    was needed) and the reorientation (exact).
+    Undoes the crop (outside it = background), the resampling and the reorientation (exact). The resampling is
+    exact when none was needed; else, given the organ logits (n, X, Y, Z) the label map came from (their
+    argmax against the background's 0, after any offset), each organ's logit is interpolated linearly around
+    what the map keeps of it and a voxel takes the largest above 0, so a boundary lands where the net put it
+    between two model voxels (as nnU-Net resamples probabilities, not labels); without logits, label-wise
+    linear (the one-hot of each label).
     """
     label_map = np.asarray(label_map)
     if list(label_map.shape) != list(geom["model_shape"]):
         raise ValueError(f"label map shape {tuple(label_map.shape)} != model shape {tuple(geom['model_shape'])}")
+    if logits is not None and tuple(np.shape(logits)[1:]) != label_map.shape:
+        raise ValueError(f"logits of shape {tuple(np.shape(logits))} for a label map of shape {label_map.shape}")
     box = geom["crop_box"]
+    offset = [lo for lo, _ in box]
     if all(s == 1.0 for s in geom["scale"]):
         ras = np.zeros(geom["ras_shape"], dtype=np.uint8)
         ras[tuple(slice(lo, hi) for lo, hi in box)] = label_map
     else:
-        blocks = {}
+        blocks, grid = {}, geom["resampled_shape"]
         for k in np.unique(label_map):
-            if k:
-                b = _bbox_block(label_map == k, [lo for lo, _ in box], geom["resampled_shape"])
-                blocks[int(k)] = b
-        ras = _labelwise(blocks, geom["resampled_shape"], [[0, s] for s in geom["ras_shape"]], geom["scale"])
+            if not k:
+                continue
+            if logits is None:
+                blocks[int(k)] = _bbox_block(label_map == k, offset, grid)
+            else:  # the organ's logit next to what the map keeps of it, LOGIT_FLOOR beyond (a removed piece stays gone)
+                near = ndimage.binary_dilation(label_map == k, np.ones((3, 3, 3), bool))
+                blocks[int(k)] = _bbox_block(near, offset, grid, np.asarray(logits[k - 1]), LOGIT_FLOOR)
+        ras = _labelwise(blocks, grid, [[0, s] for s in geom["ras_shape"]], geom["scale"],
+                         MASK_THRESHOLD if logits is None else 0.0)
     return np.ascontiguousarray(_from_ras(ras, geom), dtype=np.uint8)
 
 

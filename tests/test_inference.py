@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 import types
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -257,3 +258,28 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("default", "keep")}
     assert faults["default"] > 10 * 2560 and faults["keep"] < 2560, faults  # 2560 = one 10 MB block in 4 kB pages
+
+
+def test_predict_case_draws_the_boundary_from_the_offset_logits():
+    """A 1.2 mm CT, a 3 mm model grid, a bladder logit of 0.5 * (12 mm - distance to a point) with a +2 offset:
+    the bladder predict_case returns on the CT's grid is the 16 mm ball, to within a fraction of a fine voxel
+    (the 3 mm label map restored label-wise is off by up to half a model voxel: Dice ~0.95)."""
+    config.TARGET_SPACING, config.PRESENCE_RULE, config.ORGAN_LOGIT_OFFSET = (3.0, 3.0, 3.0), "off", {"bladder": 2.0}
+    shape, spacing = (100, 90, 60), 1.2
+    affine = np.diag([spacing] * 3 + [1.0])
+    affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * spacing
+    world = lambda aff, shp: np.einsum("ij,j...->i...", np.asarray(aff)[:3, :3], np.indices(shp, float)) \
+        + np.asarray(aff)[:3, 3].reshape(3, 1, 1, 1)
+    x, y, z = world(affine, shape)
+    hu = np.where((x / 55) ** 2 + (y / 50) ** 2 <= 1, 40, -1000).astype(np.int16)  # a body, no femoral heads
+    img = nib.Nifti1Image(hu, affine)
+    prepared = inference.prepare_case(img)
+    geom = prepared["geom"]
+    centre = np.array([3.1, -4.4, 2.3]).reshape(3, 1, 1, 1)
+    r = np.sqrt(((world(geom["model_affine"], geom["model_shape"]) - centre) ** 2).sum(0))
+    logits = np.stack([np.full(r.shape, -5.0), 0.5 * (12.0 - r), np.full(r.shape, -5.0)]).astype(np.float32)
+    labels = inference.predict_case(None, img, "cpu", prepared, logits)
+    truth = np.sqrt(((np.stack([x, y, z]) - centre) ** 2).sum(0)) < 16.0
+    bladder = labels == config.ORGANS.index("bladder") + 1
+    assert set(np.unique(labels)) == {0, config.ORGANS.index("bladder") + 1}
+    assert 2 * (bladder & truth).sum() / (bladder.sum() + truth.sum()) >= 0.97
