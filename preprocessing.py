@@ -458,15 +458,15 @@ def _bbox_block(mask, offset, grid_shape, values=None, fill=0.0):
     return block, lo
 
 
-def _labelwise(blocks, src_shape, dst_box, scale_src_per_dst, cut=MASK_THRESHOLD):
+def _labelwise(blocks, src_shape, dst_box, scale_src_per_dst, logits=False):
     """Label-wise linear resampling onto dst_box ([[lo, hi), ...] of the destination grid) -> uint8.
 
-    blocks: {k: (float32 block, origin) on the source grid}, each organ's one-hot (0/1) or its logit. Each is
-    interpolated linearly on its own bounding box only (cheap); a voxel takes the organ with the largest value
-    if that is above `cut`. One-hot blocks (cut MASK_THRESHOLD): the cut is moved (within
-    VOLUME_THRESHOLD_RANGE) so that the organ keeps its volume: a plain 0.5 cut shrinks thin or curved organs by
-    1-3 % at 3 mm (linear interpolation rounds off convex corners), a matched cut keeps them within ~0.5 % and
-    costs one np.partition per organ. Logit blocks (cut 0, the background's logit) are taken as they come.
+    blocks: {k: (float32 block, origin) on the source grid}, each organ's one-hot (0/1), or its logit when
+    `logits`. Each is interpolated linearly on its own bounding box only (cheap); a voxel takes the organ with the
+    largest value if that is above the cut: 0 (the background's logit) for logits; for one-hot blocks
+    MASK_THRESHOLD, moved (within VOLUME_THRESHOLD_RANGE) so that the organ keeps its volume: a plain 0.5 cut
+    shrinks thin or curved organs by 1-3 % at 3 mm (linear interpolation rounds off convex corners), a matched
+    cut keeps them within ~0.5 % and costs one np.partition per organ.
     scale_src_per_dst[ax] = source voxels per destination voxel; indices follow the module's edge-aligned
     convention.
     """
@@ -475,7 +475,7 @@ def _labelwise(blocks, src_shape, dst_box, scale_src_per_dst, cut=MASK_THRESHOLD
     dst_of = lambda ax, j: (j + 0.5) / r[ax] - 0.5
     out_shape = [hi - lo for lo, hi in dst_box]
     label = np.zeros(out_shape, dtype=np.uint8)
-    best = np.full(out_shape, cut, dtype=np.float32)
+    best = np.full(out_shape, 0.0 if logits else MASK_THRESHOLD, dtype=np.float32)
     for k, (block, origin) in blocks.items():
         lo, hi, clipped = [], [], False
         for ax in range(3):
@@ -491,7 +491,7 @@ def _labelwise(blocks, src_shape, dst_box, scale_src_per_dst, cut=MASK_THRESHOLD
         # 'nearest' only matters at true grid edges: elsewhere the block already ends in a zero (or floor) layer
         prob = ndimage.affine_transform(block, r, offset=offset, output_shape=tuple(h - l for l, h in zip(lo, hi)),
                                         order=1, mode="nearest")
-        if cut == MASK_THRESHOLD and not clipped:  # a whole organ's one-hot: match its volume
+        if not logits and not clipped:  # a whole organ's one-hot: match its volume
             n_keep = int(round(float(block.sum()) / float(np.prod(r))))
             flat = prob.ravel()
             if 0 < n_keep < flat.size:
@@ -555,8 +555,7 @@ def restore_labels(label_map, geom, logits=None):
             else:  # the organ's logit next to what the map keeps of it, LOGIT_FLOOR beyond (a removed piece stays gone)
                 near = ndimage.binary_dilation(label_map == k, np.ones((3, 3, 3), bool))
                 blocks[int(k)] = _bbox_block(near, offset, grid, np.asarray(logits[k - 1]), LOGIT_FLOOR)
-        ras = _labelwise(blocks, grid, [[0, s] for s in geom["ras_shape"]], geom["scale"],
-                         MASK_THRESHOLD if logits is None else 0.0)
+        ras = _labelwise(blocks, grid, [[0, s] for s in geom["ras_shape"]], geom["scale"], logits is not None)
     return np.ascontiguousarray(_from_ras(ras, geom), dtype=np.uint8)
 
 

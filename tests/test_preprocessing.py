@@ -127,8 +127,10 @@ def test_flipped_storage_gives_identical_arrays(monkeypatch, code):
     assert np.array_equal(pp.prepare_labels(m_r, g_r), pp.prepare_labels(m_f, g_f))
 
 
-@pytest.mark.parametrize("target", [(1.5, 1.5, 1.5), (3.0, 3.0, 3.0)])
-def test_organ_volume_kept_within_2_percent(monkeypatch, target):
+@pytest.mark.parametrize("target, tolerance", [((1.5, 1.5, 1.5), 0.005), ((3.0, 3.0, 3.0), 0.015)])
+def test_organ_volume_kept(monkeypatch, target, tolerance):
+    """Every organ's volume, not only the first one's, is matched (1 % at 3 mm where organs meet; 1.8 % and
+    1.1 % when the match was left out for all but the first)."""
     monkeypatch.setattr(config, "TARGET_SPACING", target)
     ct, masks, aff = scene("LPS", spacing=(0.8, 0.8, 3.0))
     hu, geom = pp.prepare_ct(nib.Nifti1Image(ct, aff))
@@ -138,7 +140,7 @@ def test_organ_volume_kept_within_2_percent(monkeypatch, target):
     for organ, mask in masks.items():
         before = mask.sum() * 0.8 * 0.8 * 3.0
         after = np.count_nonzero(label == config.ORGANS.index(organ) + 1) * np.prod(target)
-        assert abs(after - before) / before < 0.02, (organ, before, after)
+        assert abs(after - before) / before < tolerance, (organ, before, after)
 
 
 @pytest.mark.parametrize("code", ["RAS", "LPS"])
