@@ -11,6 +11,7 @@ import torch
 
 import config
 import inference
+from test_preprocessing import world_grid
 
 torch.set_num_threads(2)
 
@@ -268,15 +269,13 @@ def test_predict_case_draws_the_boundary_from_the_offset_logits():
     shape, spacing = (100, 90, 60), 1.2
     affine = np.diag([spacing] * 3 + [1.0])
     affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * spacing
-    world = lambda aff, shp: np.einsum("ij,j...->i...", np.asarray(aff)[:3, :3], np.indices(shp, float)) \
-        + np.asarray(aff)[:3, 3].reshape(3, 1, 1, 1)
-    x, y, z = world(affine, shape)
+    x, y, z = world_grid(shape, affine)
     hu = np.where((x / 55) ** 2 + (y / 50) ** 2 <= 1, 40, -1000).astype(np.int16)  # a body, no femoral heads
     img = nib.Nifti1Image(hu, affine)
     prepared = inference.prepare_case(img)
     geom = prepared["geom"]
     centre = np.array([3.1, -4.4, 2.3]).reshape(3, 1, 1, 1)
-    r = np.sqrt(((world(geom["model_affine"], geom["model_shape"]) - centre) ** 2).sum(0))
+    r = np.sqrt(((np.stack(world_grid(geom["model_shape"], np.asarray(geom["model_affine"]))) - centre) ** 2).sum(0))
     logits = np.stack([np.full(r.shape, -5.0), 0.5 * (12.0 - r), np.full(r.shape, -5.0)]).astype(np.float32)
     labels = inference.predict_case(None, img, "cpu", prepared, logits)
     truth = np.sqrt(((np.stack([x, y, z]) - centre) ** 2).sum(0)) < 16.0

@@ -209,8 +209,8 @@ def test_restore_from_logits_matches_direct_interpolation(monkeypatch, code):
     direct = np.stack([ndimage.map_coordinates(l, idx, order=1, mode="nearest") for l in logits])
     expect = np.where(direct.max(0) > 0, direct.argmax(0) + 1, 0)
     assert (back != expect).sum() <= 0.001 * (expect > 0).sum(), (back != expect).sum()
-    truth = [np.sqrt(sum((g - c) ** 2 for g, c in zip(world_grid(ct.shape, aff), centre))) < 13.0
-             for centre in centres[:2]]
+    grid = world_grid(ct.shape, aff)
+    truth = [np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre))) < 13.0 for centre in centres[:2]]
     plain = pp.restore_labels(labels, geom)
     for k, t in enumerate(truth, 1):
         assert dice(back == k, t) >= 0.97 and dice(back == k, t) > dice(plain == k, t) + 0.01, k
@@ -222,7 +222,7 @@ def test_restore_from_logits_keeps_what_the_clean_up_removed_away(monkeypatch):
     monkeypatch.setattr(config, "TARGET_SPACING", (3.0, 3.0, 3.0))
     ct, _, aff = scene("RAS", (0.9, 0.9, 1.25), (131, 105, 64))
     _, geom = pp.prepare_ct(nib.Nifti1Image(ct, aff))
-    logits = np.maximum(_sphere_logits(geom, [(-25.0, 0.0, 20.0)], 10.0), _sphere_logits(geom, [(25.0, 0.0, 20.0)], 10.0))
+    logits = _sphere_logits(geom, [(-25.0, 0.0, 20.0), (25.0, 0.0, 20.0)], 10.0).max(0, keepdims=True)  # one organ
     logits = np.concatenate([logits, np.full((2, *logits.shape[1:]), -5.0, np.float32)])
     labels = inference.logits_to_labels(logits)
     x = world_grid(geom["model_shape"], np.asarray(geom["model_affine"]))[0]
