@@ -257,14 +257,15 @@ def model_evidence(model, ct_img, labels, organs, device, prepared=None):
     space). Plus the femoral heads found in the model-space CT (prepared: inference.prepare_case(ct_img), when the
     caller has it already). One extra forward pass over the CT: of the mirrored CT when STATUS_MIRROR_CHECK, else
     of the CT itself (then no mirror Dice). Probabilities and the mirrored labels come from the logits with the
-    organs' logit offsets added, as the labels were made."""
+    organs' logit offsets added, as the labels were made. No pass and no organ evidence where no femoral heads were
+    found: every organ is then not_imaged, which no flag, veto or fitted threshold reads."""
     import inference
     import preprocessing
 
     prepared = prepared or inference.prepare_case(ct_img)
     hu, geom = prepared["hu"], prepared["geom"]
     out = {"pelvis": prepared["pelvis"], "organs": {}}
-    if model is None:
+    if model is None or not prepared["pelvis"].get("found"):
         return out
     mirror = bool(config.STATUS_MIRROR_CHECK)
     norm = preprocessing.normalize_hu(hu)
@@ -714,7 +715,8 @@ def fit_from_results(results, volumes, organs, leaks=None):
 
     for organ in organs:
         good = [e for o, e in good_of if o == organ]
-        tn = [e for o, e, d, ref in results if o == organ and not ref and e["voxels"] == 0]
+        tn = [e for o, e, d, ref in results if o == organ and not ref and e["voxels"] == 0
+              and e.get("peak_probability") is not None]  # none where no pelvis was found: not_imaged, not absent
         counts[organ] = {"good": len(good), "correctly_absent": len(tn)}
         # volume: every whole training organ, every good validation prediction, and the log-normal tolerance
         # bounds of the training volumes (a training split holds few organs; patients vary more)

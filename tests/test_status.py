@@ -480,7 +480,8 @@ class Bright(torch.nn.Module):
 
 def test_model_evidence_confidence_and_mirror():
     config.PATCH_SIZE, config.AMP = (32, 32, 32), False
-    img = make_ct(heads=((60.0, 0.0, 0.0),))  # one bright ball right of the midline: not symmetric
+    config.LARGEST_COMPONENT = "off"
+    img = make_ct()  # two femoral heads: the pelvis is found
     hu = np.asarray(img.dataobj)
     labels = (hu > 100).astype(np.uint8) * 2
     ev = status.model_evidence(Bright(), img, labels, config.ORGANS, "cpu")["organs"]
@@ -499,6 +500,25 @@ def test_model_evidence_confidence_and_mirror():
     assert ev["prostate"]["confidence"] is None and ev["prostate"]["peak_probability"] < 0.01
     # the mask is the ball: its shell leaks only where the 2 mm smoothing blurs the rim into it
     assert 0.0 <= ev["bladder"]["edge_leak"] < 0.5 and ev["prostate"]["edge_leak"] is None
+
+
+def test_model_evidence_skips_scans_without_a_pelvis():
+    """No femoral heads: every organ is not_imaged, so no forward pass is spent on evidence nothing reads."""
+    config.PATCH_SIZE, config.AMP = (32, 32, 32), False
+    calls = []
+
+    class Counting(Bright):
+        def forward(self, x):
+            calls.append(x.shape)
+            return super().forward(x)
+
+    img = make_ct(heads=((60.0, 0.0, 0.0),))  # one ball: no pair of heads
+    labels = (np.asarray(img.dataobj) > 100).astype(np.uint8) * 2
+    ev = status.model_evidence(Counting(), img, labels, config.ORGANS, "cpu")
+    assert not ev["pelvis"].get("found") and ev["organs"] == {} and calls == []
+    _, report = status.assess(img, labels, Counting(), "cpu", config.STATUS_DEFAULT_THRESHOLDS)
+    assert calls == [] and {e["status"] for e in report["organs"].values()} == {"not_imaged"}
+    assert report["organs"]["bladder"]["removed_ml"] > 0 and report["organs"]["bladder"]["flags"] == []
 
 
 # --- Tables ---------------------------------------------------------------------------------------
