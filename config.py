@@ -136,9 +136,10 @@ STATUS_BONE_SMOOTH_MM = 2.0  # Gaussian sigma (mm) applied before that threshold
 STATUS_CORTICAL_HU = 250.0  # a femoral head's ball (radius + 1 voxel) reaches this HU at its 95th percentile (300
                             # missed thin 450-700 HU cortices on the 3 mm grid, where they read ~275)
 STATUS_FEMORAL_HEAD_MIN_FRONT = 0.45  # the heads' centres lie at least this share of the body's back-to-front depth
-                                      # (at their height and midpoint) in front of its back; contrast-enhanced
-                                      # kidneys, the one pair that passes the tests above on the phantoms, lie at
-                                      # 0.37, the heads at 0.59-0.69
+                                      # in front of its back (at their height, along the column through each head,
+                                      # the two averaged; the midline column would end at the bottom of the gluteal
+                                      # cleft); contrast-enhanced kidneys, the one pair that passes the tests above
+                                      # on the phantoms, lie at 0.305, the best pair of each pelvis at 0.60-0.73
 STATUS_FEMORAL_HEAD_RADIUS_MM = (15.0, 35.0)  # depth inside bone at a femoral head's centre (head 40-55 mm across)
 STATUS_FEMORAL_HEAD_SEPARATION_MM = (120.0, 240.0)  # left-right distance of the two heads' centres (adults)
 STATUS_FEMORAL_HEAD_MAX_OFFSET_MM = 25.0  # the two heads differ by at most this in height and in depth

@@ -136,25 +136,23 @@ def find_femoral_heads(hu, affine):
                 continue
             if max(abs(a[1] - b[1]), abs(a[2] - b[2])) > config.STATUS_FEMORAL_HEAD_MAX_OFFSET_MM:
                 continue
+            # The patient at the heads' height: the piece of body (gas inside filled) that holds the heads'
+            # midpoint; a table or arms apart from it are left out.
             k = int(np.clip(np.round((idx[i, 2] + idx[j, 2]) / 2), 0, hu.shape[2] - 1))
-            xs = np.nonzero(body[:, :, k].any(axis=1))[0]
-            if not len(xs):
+            col = int(np.clip(np.round((idx[i, 0] + idx[j, 0]) / 2), 0, hu.shape[0] - 1))
+            row = int(np.clip(np.round((idx[i, 1] + idx[j, 1]) / 2), 0, hu.shape[1] - 1))
+            pieces, _ = ndimage.label(ndimage.binary_fill_holes(body[:, :, k]))
+            if not pieces[col, row]:
                 continue
-            mid = np.array([(xs.min() + xs.max()) / 2.0, (idx[i, 1] + idx[j, 1]) / 2.0, k])
+            patient = pieces == pieces[col, row]
+            xs = np.nonzero(patient.any(axis=1))[0]
+            mid = np.array([(xs.min() + xs.max()) / 2.0, row, k])
             centre_x = float(affine[0, :3] @ mid + affine[0, 3])  # world x of the body's left-right middle
             if abs((a[0] + b[0]) / 2 - centre_x) > config.STATUS_MIDLINE_TOLERANCE_MM:
                 continue
-            # front to back: the body's extent in y through the heads' midpoint, at their height (gas inside the
-            # body filled; a table beneath the back, apart from the body, left out)
-            col = int(np.clip(np.round((idx[i, 0] + idx[j, 0]) / 2), 0, hu.shape[0] - 1))
-            row = int(np.clip(np.round((idx[i, 1] + idx[j, 1]) / 2), 0, hu.shape[1] - 1))
-            column = ndimage.binary_fill_holes(body[:, :, k])[col]
-            if not column[row]:
-                continue
-            runs, _ = ndimage.label(column)
-            ys = np.nonzero(runs == runs[row])[0]
-            ends = [float(affine[1, :3] @ np.array([col, y, k]) + affine[1, 3]) for y in (ys.min(), ys.max())]
-            front = ((a[1] + b[1]) / 2 - min(ends)) / max(abs(ends[1] - ends[0]), 1e-6)
+            # Front to back: each head's share of the body's depth along the column through that head (through the
+            # buttock and the groin; the midline column would end at the bottom of the gluteal cleft), averaged.
+            front = float(np.mean([_front_share(patient, affine, idx[h], k) for h in (i, j)]))
             if front < config.STATUS_FEMORAL_HEAD_MIN_FRONT:
                 continue
             score = min(radius[i], radius[j])
@@ -166,6 +164,21 @@ def find_femoral_heads(hu, affine):
     return dict(found=True, heads_mm=[[round(float(v), 1) for v in world[i]], [round(float(v), 1) for v in world[j]]],
                 radius_mm=[round(float(radius[i]), 1), round(float(radius[j]), 1)],
                 z_mm=round(float((world[i, 2] + world[j, 2]) / 2), 1), candidates=int(n))
+
+
+def _front_share(patient, affine, voxel, k):
+    """How far in front of the body's back a head's centre (voxel index) lies, as a share of the body's depth along
+    the front-back column through it: the run of `patient` (2D slice k) in that column that holds the centre."""
+    col = int(np.clip(np.round(voxel[0]), 0, patient.shape[0] - 1))
+    row = int(np.clip(np.round(voxel[1]), 0, patient.shape[1] - 1))
+    column = patient[col]
+    if not column[row]:
+        return 0.0
+    runs, _ = ndimage.label(column)
+    ys = np.nonzero(runs == runs[row])[0]
+    ends = [float(affine[1, :3] @ np.array([col, y, k]) + affine[1, 3]) for y in (ys.min(), ys.max())]
+    centre_y = float(affine[1, :3] @ np.asarray(voxel, float) + affine[1, 3])
+    return (centre_y - min(ends)) / max(abs(ends[1] - ends[0]), 1e-6)
 
 
 def organ_z_range(organ, pelvis):

@@ -82,6 +82,17 @@ def test_a_table_under_the_back_is_not_body_for_the_front_share():
     assert status.find_femoral_heads(hu, img.affine)["found"]
 
 
+def test_a_gluteal_cleft_does_not_move_the_heads_to_the_back():
+    """Real buttocks part at the midline: an air cleft 45 mm deep would end the midline column there, and heads
+    at half the body's depth would sit at 0.35 of it. The columns through the heads see the whole depth."""
+    img = make_ct()
+    hu = np.asarray(img.dataobj).copy()
+    cleft = world_box(img, (-6, -101, -100), (6, -55, 100), 1).astype(bool)
+    hu[cleft] = -1000
+    heads = status.find_femoral_heads(hu, img.affine)
+    assert heads["found"] and abs(heads["heads_mm"][0][0] + 88) <= SPACING
+
+
 def test_a_pair_in_the_back_of_the_body_passes_only_without_the_front_share():
     """The pair of test_no_femoral_heads' kidney case is femoral heads in every other respect."""
     back = make_ct(heads=((-88.0, -60.0, 0.0), (88.0, -60.0, 0.0)))
