@@ -151,8 +151,10 @@ def find_femoral_heads(hu, affine):
             if abs((a[0] + b[0]) / 2 - centre_x) > config.STATUS_MIDLINE_TOLERANCE_MM:
                 continue
             # Front to back: each head's share of the body's depth along the column through that head (through the
-            # buttock and the groin; the midline column would end at the bottom of the gluteal cleft), averaged.
-            front = float(np.mean([_front_share(patient, affine, idx[h], k) for h in (i, j)]))
+            # buttock and the groin; the midline column would end at the bottom of the gluteal cleft), averaged. Gas
+            # is not filled there: no bowel lies beside the heads, and a table's foam core, which filling would add
+            # to the patient wherever the table touches, ends the column at the table's top.
+            front = float(np.mean([_front_share(patient & body[:, :, k], affine, idx[h], k) for h in (i, j)]))
             if front < config.STATUS_FEMORAL_HEAD_MIN_FRONT:
                 continue
             score = min(radius[i], radius[j])

@@ -93,6 +93,17 @@ def test_a_gluteal_cleft_does_not_move_the_heads_to_the_back():
     assert heads["found"] and abs(heads["heads_mm"][0][0] + 88) <= SPACING
 
 
+def test_a_table_against_the_front_does_not_count_as_body():
+    """A prone patient on a 30 mm table (shell 300 HU, foam core -850 HU) that touches the flattened front: filled
+    like gas inside the body, the table's core would put heads at 0.52 of the body's depth at 0.43."""
+    img = make_ct()
+    hu = np.asarray(img.dataobj).copy()
+    hu[world_box(img, (-200, 72, -100), (200, 120, 100), 1).astype(bool)] = -1000  # the front flattened at y = 72
+    hu[world_box(img, (-150, 72, -100), (150, 104, 100), 1).astype(bool)] = 300  # the table, against it: shell ...
+    hu[world_box(img, (-146, 76, -100), (146, 101, 100), 1).astype(bool)] = -850  # ... around a foam core
+    assert status.find_femoral_heads(hu, img.affine)["found"]
+
+
 def test_a_pair_in_the_back_of_the_body_passes_only_without_the_front_share():
     """The pair of test_no_femoral_heads' kidney case is femoral heads in every other respect."""
     back = make_ct(heads=((-88.0, -60.0, 0.0), (88.0, -60.0, 0.0)))
