@@ -249,14 +249,14 @@ def predict_files(paths, out_dir, checkpoint=None, show_progress=None, formats=(
             record = write_outputs(labels, original, case_dir, organs, formats, series, assessment)
             if preview:
                 status.preview_png(ct, labels, organs, case_dir / "preview.png",
-                                   status.console_line(name, record["organs"]))
+                                   status.console_line(name, record["organs"], record.get("pelvis")))
         except (ValueError, OSError) as exc:  # CaseError, DicomError and ExportError are ValueErrors
             failed.append((path, str(exc)))
             tqdm.write(f"predict: failed {exc}" if str(path) in str(exc) else f"predict: failed {path}: {exc}")
             continue
         seen[name] = path
         done.append((path, case_dir))
-        tqdm.write(f"predict: {status.console_line(name, record['organs'])}")
+        tqdm.write(f"predict: {status.console_line(name, record['organs'], record.get('pelvis'))}")
         for line in dicom_lines(name, record.get("dicom")):
             tqdm.write(line)
     return done, failed

@@ -507,8 +507,9 @@ def assess(ct_img, labels, model, device, thresholds, organs=None, prepared=None
                     "_measures": measures}
 
 
-def console_line(name, organs_report):
-    """'BDMAP_x: prostate absent, bladder 312 mL (flag: volume_high), rectum not imaged'."""
+def console_line(name, organs_report, pelvis=None):
+    """'BDMAP_x: prostate absent, bladder 312 mL (flag: volume_high), rectum not imaged'. With the report's `pelvis`
+    and no femoral heads found in it, the line says so and what the net predicted there (removed)."""
     parts = []
     for organ, e in organs_report.items():
         s = e["status"]
@@ -521,7 +522,11 @@ def console_line(name, organs_report):
         if codes:
             text += f" (flag: {', '.join(codes)})"
         parts.append(text)
-    return f"{name}: " + ", ".join(parts)
+    line = f"{name}: " + ", ".join(parts)
+    if pelvis is not None and not pelvis.get("found"):
+        removed = [f"{o} {e['removed_ml']:.1f} mL" for o, e in organs_report.items() if e.get("removed_ml")]
+        line += " (no femoral heads found" + (f"; removed: {', '.join(removed)}" if removed else "") + ")"
+    return line
 
 
 # --------------------------------------------------------------------------------------------

@@ -385,6 +385,12 @@ def test_console_line():
     organs["prostate"].update(removed_ml=9.04, removed_because="not_in_mirrored_scan")
     assert status.console_line("BDMAP_x", organs).startswith(
         "BDMAP_x: prostate absent (9.0 mL predicted, not found in the mirrored scan), bladder 312 mL")
+    assert status.console_line("BDMAP_x", organs, {"found": True}) == status.console_line("BDMAP_x", organs)
+    chest = {o: {"status": "not_imaged", "ml": 0.0, "flags": []} for o in ("prostate", "bladder", "rectum")}
+    chest["bladder"].update(removed_ml=77.06, removed_because="region_not_imaged")
+    assert status.console_line("chest", chest, {"found": False}) == ("chest: prostate not imaged, bladder not imaged, "
+                                                                     "rectum not imaged (no femoral heads found; "
+                                                                     "removed: bladder 77.1 mL)")
 
 
 # --- Thresholds -------------------------------------------------------------------------------
