@@ -138,8 +138,9 @@ STATUS_CORTICAL_HU = 250.0  # a femoral head's ball (radius + 1 voxel) reaches t
 STATUS_FEMORAL_HEAD_MIN_FRONT = 0.45  # the heads' centres lie at least this share of the body's back-to-front depth
                                       # in front of its back (at their height, along the column through each head,
                                       # the two averaged; the midline column would end at the bottom of the gluteal
-                                      # cleft; a table's foam core is not body); contrast-enhanced kidneys, the one pair that passes the tests above
-                                      # on the phantoms, lie at 0.305, the best pair of each pelvis at 0.60-0.73
+                                      # cleft; a table's foam core is not body); contrast-enhanced kidneys, the one
+                                      # pair that passes the tests above on the phantoms, lie at 0.305, the best
+                                      # pair of each pelvis at 0.60-0.73
 STATUS_FEMORAL_HEAD_RADIUS_MM = (15.0, 35.0)  # depth inside bone at a femoral head's centre (head 40-55 mm across)
 STATUS_FEMORAL_HEAD_SEPARATION_MM = (120.0, 240.0)  # left-right distance of the two heads' centres (adults)
 STATUS_FEMORAL_HEAD_MAX_OFFSET_MM = 25.0  # the two heads differ by at most this in height and in depth

@@ -71,8 +71,8 @@ def test_femoral_heads_found_in_a_noisy_scan():
 
 
 def test_a_table_under_the_back_is_not_body_for_the_front_share():
-    """A pair at 0.42 of the body's depth stays rejected when a table lies 10 mm beneath the back (with the table
-    counted as body it would sit at 0.47)."""
+    """A pair at 0.40 of the body's depth (along the columns through the heads) stays rejected when a table lies
+    beneath the back, apart from it (with the table counted as body it would sit at 0.53)."""
     img = make_ct(heads=((-88.0, -15.0, 0.0), (88.0, -15.0, 0.0)))
     hu = np.asarray(img.dataobj).copy()
     table = world_box(img, (-150, -118, -100), (150, -110, 100), 1).astype(bool)
