@@ -372,7 +372,10 @@ def evaluate(checkpoint=None, split="test", plots=True, show_progress=None, data
         try:
             case = read(path)
             prepared = inference.prepare_case(case["ct"])  # resampled CT and femoral heads, for both steps
-            pred = inference.predict_case(model, case["ct"], device, prepared)
+            if prepared["pelvis"].get("found") or not config.STATUS_CLEAR_NOT_IMAGED:
+                pred = inference.predict_case(model, case["ct"], device, prepared)
+            else:  # no pelvis: the status rule would remove every organ, and no metric reads what it removed
+                pred = np.zeros(case["ct"].shape[:3], np.uint8)
             pred, assessment = status.assess(case["ct"], pred, model, device, thresholds, organs, prepared)
         except (preprocessing.CaseError, FileNotFoundError) as exc:
             failed.append((cid, str(exc)))

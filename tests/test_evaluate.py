@@ -92,3 +92,30 @@ def test_any_labelled_folder_and_empty_cts_without_splits(tmp_path, tiny_checkpo
         assert rows["chest"][f"dice_{organ}"] == ""
     with pytest.raises(SystemExit, match="nowhere: data root not found"):
         evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data-root", str(tmp_path / "nowhere")])
+
+
+def test_a_scan_without_a_pelvis_costs_no_forward_pass(tmp_path, tiny_checkpoint, monkeypatch):  # noqa: F811
+    """No femoral heads (the tiny cases have no bone): the status rule removes every organ, so evaluate runs no
+    net over the scan; with STATUS_CLEAR_NOT_IMAGED off the predictions stay, so then it does."""
+    import evaluate
+    import inference
+
+    config.AMP = False
+    calls = []
+    real = inference.predict_case
+    monkeypatch.setattr(inference, "predict_case", lambda *a, **k: calls.append(1) or real(*a, **k))
+    root = tmp_path / "data"
+    write_case(root, "BDMAP_00000001", "LPS", with_prostate=True)
+    chest = write_ct(tmp_path / "chest.nii.gz", "LPS", shape=(17, 15, 13))
+    for clear, expected in ((True, 0), (False, 2)):
+        calls.clear()
+        config.STATUS_CLEAR_NOT_IMAGED = clear
+        out = tmp_path / f"eval_{clear}"
+        evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data-root", str(root), "--empty", str(chest),
+                       "--out", str(out), "--no-plots"])
+        assert len(calls) == expected
+        with open(out / "metrics_per_case.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == 2 and {r[f"pred_status_{o}"] for r in rows for o in config.ORGANS} == {"not_imaged"}
+        if clear:
+            assert not np.asarray(nib.load(str(out / "predictions" / "BDMAP_00000001.nii.gz")).dataobj).any()
