@@ -11,7 +11,7 @@ import torch
 
 import config
 import inference
-from test_preprocessing import world_grid
+from test_preprocessing import _sphere_logits, world_grid
 
 torch.set_num_threads(2)
 
@@ -274,11 +274,12 @@ def test_predict_case_draws_the_boundary_from_the_offset_logits():
     img = nib.Nifti1Image(hu, affine)
     prepared = inference.prepare_case(img)
     geom = prepared["geom"]
-    centre = np.array([3.1, -4.4, 2.3]).reshape(3, 1, 1, 1)
-    r = np.sqrt(((np.stack(world_grid(geom["model_shape"], np.asarray(geom["model_affine"]))) - centre) ** 2).sum(0))
-    logits = np.stack([np.full(r.shape, -5.0), 0.5 * (12.0 - r), np.full(r.shape, -5.0)]).astype(np.float32)
+    centre = (3.1, -4.4, 2.3)
+    bladder_logit = _sphere_logits(geom, [centre], 12.0)  # 0.5 * (12 mm - distance)
+    other = np.full_like(bladder_logit, -5.0)
+    logits = np.concatenate([other, bladder_logit, other])
     labels = inference.predict_case(None, img, "cpu", prepared, logits)
-    truth = np.sqrt(((np.stack([x, y, z]) - centre) ** 2).sum(0)) < 16.0
+    truth = np.sqrt(sum((g - c) ** 2 for g, c in zip((x, y, z), centre))) < 16.0
     bladder = labels == config.ORGANS.index("bladder") + 1
     assert set(np.unique(labels)) == {0, config.ORGANS.index("bladder") + 1}
     assert 2 * (bladder & truth).sum() / (bladder.sum() + truth.sum()) >= 0.97
