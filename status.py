@@ -154,7 +154,8 @@ def find_femoral_heads(hu, affine):
             # buttock and the groin; the midline column would end at the bottom of the gluteal cleft), averaged. Gas
             # is not filled there: no bowel lies beside the heads, and a table's foam core, which filling would add
             # to the patient wherever the table touches, ends the column at the table's top.
-            front = float(np.mean([_front_share(patient & body[:, :, k], affine, idx[h], k) for h in (i, j)]))
+            unfilled = patient & body[:, :, k]
+            front = float(np.mean([_front_share(unfilled, affine, idx[h], k) for h in (i, j)]))
             if front < config.STATUS_FEMORAL_HEAD_MIN_FRONT:
                 continue
             score = min(radius[i], radius[j])
